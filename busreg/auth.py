@@ -1,0 +1,95 @@
+"""Who may write events for which service (invariant 7). Pure; no I/O.
+
+Two ways to prove an identity, one per ingest path:
+
+* **Signed events** (any path, and the only one over the stream protocol, where the broker
+  vouches for no per-message identity): the message is ``<sig>.<json>``, where ``sig`` is 64
+  lowercase hex digits of HMAC-SHA256 over the exact JSON bytes, keyed with the *service
+  key*: ``HMAC-SHA256(secret, "busreg-service-key/v1/" + service)``. Only workers hold the
+  secret; a registrant gets its own service's key (``busreg keys SERVICE``), so a key for
+  ``billing`` can sign nothing for ``inventory``.
+
+      key = service_key(secret, "inventory")
+      body = sign(key, json_bytes)             # b"3f1c...e9.{...}"
+
+* **Broker-validated user_id** (AMQP 0-9-1 publishers): RabbitMQ refuses a message whose
+  ``user_id`` is not the connection's user, so the worker can trust it, *provided no
+  untrusted principal may write to the ingest streams directly* (a stream-protocol writer
+  can put any user_id in an AMQP-encoded message). The owner mapping says which identities
+  may act for which services (``fnmatch`` patterns); an identity not in the mapping may act
+  for the service of the same name only.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+__all__ = [
+    "SIGNATURE_HEX",
+    "Authorizer",
+    "service_key",
+    "sign",
+    "split_signed",
+]
+
+#: Length of the hex signature before the "." of a signed event.
+SIGNATURE_HEX = 64
+_KEY_CONTEXT = b"busreg-service-key/v1/"
+_HEX = frozenset(b"0123456789abcdef")
+
+
+def service_key(secret: bytes, service: str) -> bytes:
+    """The signing key of ``service``, derived from the workers' secret."""
+    return hmac.new(secret, _KEY_CONTEXT + service.encode(), hashlib.sha256).digest()
+
+
+def sign(key: bytes, payload: bytes) -> bytes:
+    """``<hex HMAC>.<payload>``: the wire form of a signed event."""
+    return hmac.new(key, payload, hashlib.sha256).hexdigest().encode() + b"." + payload
+
+
+def split_signed(body: bytes) -> tuple[bytes | None, bytes]:
+    """(signature hex, payload) of a signed event; (None, body) for an unsigned one."""
+    if len(body) > SIGNATURE_HEX and body[SIGNATURE_HEX] == 0x2E and _HEX.issuperset(
+        body[:SIGNATURE_HEX]
+    ):
+        return body[:SIGNATURE_HEX], body[SIGNATURE_HEX + 1 :]
+    return None, body
+
+
+@dataclass(frozen=True)
+class Authorizer:
+    """Decides whether an event may act for the service it names.
+
+    ``Authorizer(secret=b"...", owners={"billing-app": ["billing", "billing-*"]})``
+    """
+
+    secret: bytes | None
+    owners: dict[str, list[str]]
+    accept_unsigned_amqp: bool = False
+
+    def check(
+        self, service: str, payload: bytes, signature: bytes | None, user_id: str | None
+    ) -> str | None:
+        """None if allowed, else a short reason for the dead letter."""
+        if user_id is not None and not self.may_act(user_id, service):
+            return f"user {user_id!r} may not act for service {service!r}"
+        if signature is not None:
+            if self.secret is None:
+                return "signed event, but this worker has no auth secret"
+            expected = hmac.new(service_key(self.secret, service), payload, hashlib.sha256)
+            if not hmac.compare_digest(expected.hexdigest().encode(), signature):
+                return f"bad signature for service {service!r}"
+            return None
+        if user_id is not None and self.accept_unsigned_amqp:
+            return None
+        return "unsigned event (sign it with the service key, or publish over AMQP as an owner)"
+
+    def may_act(self, identity: str, service: str) -> bool:
+        patterns = self.owners.get(identity)
+        if patterns is None:
+            return identity == service
+        return any(fnmatch.fnmatchcase(service, p) for p in patterns)

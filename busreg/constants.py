@@ -1,0 +1,122 @@
+"""Names, key layouts and timings in one place, each with the reason it has that value.
+
+Every RabbitMQ name and Redis key busreg uses is built here from the namespace, so two
+registries (or two test runs) sharing one broker and one Redis never see each other.
+"""
+
+from __future__ import annotations
+
+#: Version of the event, delta and snapshot contracts. Bump on an incompatible change;
+#: workers dead-letter events of a version they do not know (invariant 6).
+PROTOCOL_VERSION = 1
+
+#: Hash seed of RabbitMQ's own super-stream hash routing (murmur3, 32 bit, seed 104729):
+#: the Java, .NET and Go stream clients route a routing key to the same partition we do.
+PARTITION_HASH_SEED = 104729
+
+#: Largest ingest event we accept. A registration with its metadata is a few hundred bytes;
+#: anything near this limit is a mistake or an attack and is dead-lettered as oversized.
+MAX_EVENT_BYTES = 16 * 1024
+
+#: Separator inside Redis hash fields (``service<US>instance``). ASCII unit separator: it can
+#: never appear in a validated service or instance name.
+FIELD_SEPARATOR = "\x1f"
+
+
+def ingest_super_stream(namespace: str) -> str:
+    """The super stream (an exchange with ``x-super-stream: true``) events are written to."""
+    return f"{namespace}.ingest"
+
+
+def ingest_partition(namespace: str, partition: int) -> str:
+    """Partition stream ``<super stream>-<k>``: the name RabbitMQ's own tooling gives it."""
+    return f"{ingest_super_stream(namespace)}-{partition}"
+
+
+def service_exchange(namespace: str, service: str) -> str:
+    """Per-service topic exchange carrying that service's deltas only (no NIC storm)."""
+    return f"{namespace}.svc.{service}"
+
+
+def group_queue(namespace: str, service: str, group: str) -> str:
+    """Durable queue shared by the members of one consumer group of one service."""
+    return f"{namespace}.group.{service}.{group}"
+
+
+def rpc_queue(namespace: str) -> str:
+    """Queue every worker consumes snapshot/list requests from (competing consumers)."""
+    return f"{namespace}.rpc"
+
+
+def dead_letter_exchange(namespace: str) -> str:
+    """Fanout exchange receiving every event a worker could not apply, with its reason."""
+    return f"{namespace}.deadletter"
+
+
+def dead_letter_queue(namespace: str) -> str:
+    """Durable queue bound to the dead-letter exchange, read by ``busreg deadletters``."""
+    return f"{namespace}.deadletter"
+
+
+def partition_key_prefix(namespace: str, partition: int) -> str:
+    """Prefix of every Redis key of one partition.
+
+    The ``{...}`` hash tag puts all keys of a partition in one Redis Cluster slot, so one Lua
+    script can update lease table, offset and outbox atomically (invariant 2).
+    """
+    return f"busreg:{{{namespace}.{partition}}}:"
+
+
+def cluster_key_prefix(namespace: str) -> str:
+    """Prefix of the controller keys (live workers) that are not tied to a partition."""
+    return f"busreg:{{{namespace}}}:"
+
+
+# Suffixes of partition keys (see partition_key_prefix). Lua builds the per-service keys
+# itself from the same prefix, so the layout is documented in busreg/lua/apply.lua too.
+KEY_STATE = "state"  # hash: fence, epoch, offset, last_ts, clock, counters
+KEY_LEASE = "lease"  # string "<worker>|<token>" with PX expiry on Redis' clock
+KEY_OUTBOX = "outbox"  # list of pending deltas / dead letters, drained with confirms
+KEY_REVISIONS = "rev"  # hash service -> revision
+KEY_DEADLINES = "deadlines"  # zset service<US>instance -> lease deadline (logical ms)
+
+# --- timings (defaults; all are settings) ---------------------------------------------
+
+#: Heartbeat every second and a 3 s TTL, as the seed's own registry design asks: three
+#: missed beats before an instance is declared dead, so one lost packet never expires it.
+DEFAULT_HEARTBEAT_INTERVAL = 1.0
+DEFAULT_TTL = 3.0
+
+#: The owner writes a tick into a quiet partition this often. Ticks are the watermark: an
+#: instance is only expired once a tick newer than its deadline has been *consumed*, so
+#: detection takes TTL + at most one tick interval (+ a few ms to apply and publish).
+DEFAULT_TICK_INTERVAL = 0.1
+
+#: A jump in broker time between two consecutive events of a partition larger than this is
+#: an ingest outage (broker down, every writer cut off), not time in which instances failed
+#: to heartbeat: the lease clock advances by at most this much per step (invariant 4).
+DEFAULT_MAX_CLOCK_STEP = 1.0
+
+#: After an ingest outage (a gap in broker time larger than the max clock step) expiry
+#: waits this long on the partition clock, so instances can reconnect and heartbeat again.
+#: Clients re-create their stream connection on the next heartbeat after a failure (a few
+#: seconds at most after the broker is back); the grace leaves room for that on a loaded
+#: machine. A dead instance is detected this much later after an outage, never earlier.
+DEFAULT_OUTAGE_GRACE = 10.0
+
+#: Where a worker starts reading a partition that has no committed offset (fresh or lost
+#: Redis): this far back in the stream. Heartbeats carry the whole registration, so one TTL
+#: of history rebuilds every live instance; two leave room for the longest allowed TTL.
+DEFAULT_REPLAY_WINDOW = 120.0
+MAX_TTL = 60.0
+
+#: Remember a removed instance's (incarnation, sequence) this long, so a late duplicate of
+#: one of its old heartbeats cannot bring it back (no invented state).
+DEFAULT_TOMBSTONE_TTL = 300.0
+
+#: Partition ownership lease. A SIGKILLed worker's partitions are free after this long;
+#: renewals happen every third of it so two lost renewals are survivable.
+DEFAULT_LEASE_TTL = 1.5
+
+#: A registration returns once the broker confirmed it; give up after this long.
+DEFAULT_CONFIRM_TIMEOUT = 5.0

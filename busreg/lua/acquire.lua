@@ -1,0 +1,23 @@
+-- Take ownership of a partition if it is free (or already ours), with a new fencing token.
+-- KEYS[1] partition prefix; ARGV[1] worker id, ARGV[2] lease ms, ARGV[3] epoch if new
+-- The lease key expires on Redis' clock, never the worker's (invariant 8). The token is
+-- "<epoch>/<n>": n grows with every acquisition and the epoch changes if Redis lost the
+-- partition's state, so a token from before a data loss can never match again.
+local p = KEYS[1]
+local lease = p .. 'lease'
+local cur = redis.call('GET', lease)
+if cur then
+  local owner = string.match(cur, '^(.*)|')
+  if owner ~= ARGV[1] then return {0, cur} end
+end
+local st = p .. 'state'
+local epoch = redis.call('HGET', st, 'epoch')
+if not epoch then
+  epoch = ARGV[3]
+  redis.call('HSET', st, 'epoch', epoch)
+end
+local token = epoch .. '/' .. redis.call('HINCRBY', st, 'fence_n', 1)
+redis.call('HSET', st, 'fence', token)
+redis.call('SET', lease, ARGV[1] .. '|' .. token, 'PX', ARGV[2])
+local s = redis.call('HMGET', st, 'offset', 'clock')
+return {1, token, epoch, s[1] or '-1', s[2] or ''}

@@ -1,0 +1,174 @@
+-- Apply a batch of ingest events to one partition, atomically (invariants 1-5).
+--
+-- KEYS[1]  partition key prefix "busreg:{<ns>.<p>}:" (one hash tag: one Cluster slot)
+-- ARGV[1]  fencing token the caller holds; nothing is written unless it is current
+-- ARGV[2]  max lease-clock step (ms)   ARGV[3] tombstone TTL (ms)
+-- ARGV[4]  service exchange prefix     ARGV[5] number of events
+-- ARGV[6]  outage grace (ms)
+-- then 8 fields per event: offset, broker ts (ms), op, service, instance id,
+--   version ("%020d%016d" of incarnation, seq: compares as a string), ttl (ms), payload
+--   op U = register/heartbeat (payload: canonical instance JSON)
+--   op D = deregister         op N = no state change (tick; payload: dead letter or "")
+--
+-- Keys under the prefix:
+--   state      hash  fence, epoch, offset, last_ts, clock, counters
+--   s:<svc>    hash  instance id -> instance JSON (what subscribers see)
+--   ver        hash  svc<US>id -> version of the newest applied event
+--   deadlines  zset  svc<US>id -> lease deadline on the partition clock (ms)
+--   tomb       hash  svc<US>id -> version at removal;  tombdl zset: when to forget it
+--   rev        hash  svc -> revision (grows by one per visible change)
+--   outbox     list  "<exchange><US><routing key><US><body>" awaiting publish
+--
+-- The partition clock advances with the broker timestamps of consumed events, by at most
+-- max_step per event: it is a watermark of what was read, so a lagging worker or a broker
+-- outage never expires a healthy instance (invariant 4). A larger jump means nobody could
+-- write to the partition (broker outage); instances need time to reconnect and heartbeat
+-- again, so expiry waits for `grace` ms of partition clock after such a gap.
+local p = KEYS[1]
+local token = ARGV[1]
+local max_step = tonumber(ARGV[2])
+local tomb_ms = tonumber(ARGV[3])
+local exch = ARGV[4]
+local n = tonumber(ARGV[5])
+local grace = tonumber(ARGV[6])
+local FIRST = 6  -- events start after this many ARGV slots
+
+local st = p .. 'state'
+local cur = redis.call('HMGET', st, 'fence', 'epoch', 'offset', 'last_ts', 'clock', 'grace_until')
+if cur[1] ~= token then
+  return redis.error_reply('FENCED token ' .. token .. ' is not current')
+end
+local epoch = cur[2]
+local offset = tonumber(cur[3]) or -1
+local last_ts = tonumber(cur[4])
+local clock = tonumber(cur[5])
+local grace_until = tonumber(cur[6]) or 0
+
+local revs, dls, vers = p .. 'rev', p .. 'deadlines', p .. 'ver'
+local tomb, tombdl, outbox = p .. 'tomb', p .. 'tombdl', p .. 'outbox'
+local SEP = '\31'
+local applied, stale, replayed, changes, expired = 0, 0, 0, 0, 0
+
+local function announce(service, kind, inst, reason)
+  local rev = redis.call('HINCRBY', revs, service, 1)
+  local body = '{"v":1,"kind":"' .. kind .. '","service":"' .. service .. '","epoch":"' .. epoch
+    .. '","revision":' .. rev .. ',"instance":' .. inst .. ',"reason":'
+    .. (reason and ('"' .. reason .. '"') or 'null') .. '}'
+  redis.call('RPUSH', outbox, exch .. service .. SEP .. kind .. SEP .. body)
+  changes = changes + 1
+end
+
+local function forget(field, ver)
+  redis.call('HSET', tomb, field, ver)
+  redis.call('ZADD', tombdl, clock + tomb_ms, field)
+end
+
+local function remove(service, iid, field, ver, reason)
+  local skey = p .. 's:' .. service
+  local inst = redis.call('HGET', skey, iid)
+  redis.call('HDEL', skey, iid)
+  redis.call('HDEL', vers, field)
+  redis.call('ZREM', dls, field)
+  forget(field, ver)
+  if inst then announce(service, 'removed', inst, reason) end
+end
+
+for i = 0, n - 1 do
+  local b = FIRST + i * 8
+  local off = tonumber(ARGV[b + 1])
+  if off <= offset then
+    replayed = replayed + 1
+  else
+    offset = off
+    local ts = tonumber(ARGV[b + 2])
+    if last_ts == nil then
+      last_ts, clock = ts, ts
+    elseif ts > last_ts then
+      local step = ts - last_ts
+      if step > max_step then
+        step = max_step
+        grace_until = clock + step + grace
+      end
+      clock, last_ts = clock + step, ts
+    end
+    local op = ARGV[b + 3]
+    if op == 'U' then
+      local service, iid, ver = ARGV[b + 4], ARGV[b + 5], ARGV[b + 6]
+      local ttl, inst = tonumber(ARGV[b + 7]), ARGV[b + 8]
+      local field = service .. SEP .. iid
+      local old = redis.call('HGET', vers, field)
+      local fresh
+      if old then
+        fresh = ver > old
+      else
+        local t = redis.call('HGET', tomb, field)
+        fresh = (not t) or ver > t
+        if fresh and t then
+          redis.call('HDEL', tomb, field)
+          redis.call('ZREM', tombdl, field)
+        end
+      end
+      if fresh then
+        applied = applied + 1
+        redis.call('HSET', vers, field, ver)
+        redis.call('ZADD', dls, clock + ttl, field)
+        local skey = p .. 's:' .. service
+        local prev = redis.call('HGET', skey, iid)
+        if prev ~= inst then
+          redis.call('HSET', skey, iid, inst)
+          announce(service, prev and 'modified' or 'added', inst, nil)
+        end
+      else
+        stale = stale + 1
+      end
+    elseif op == 'D' then
+      local service, iid, ver = ARGV[b + 4], ARGV[b + 5], ARGV[b + 6]
+      local field = service .. SEP .. iid
+      local old = redis.call('HGET', vers, field)
+      if old and ver > old then
+        applied = applied + 1
+        remove(service, iid, field, ver, 'deregistered')
+      else
+        stale = stale + 1
+        -- unknown instance: remember the deregistration so an older, late heartbeat of
+        -- the same incarnation cannot register it afterwards
+        if not old then
+          local t = redis.call('HGET', tomb, field)
+          if (not t) or ver > t then forget(field, ver) end
+        end
+      end
+    else
+      local dead = ARGV[b + 8]
+      if dead ~= '' then
+        redis.call('RPUSH', outbox, dead)
+        changes = changes + 1
+      end
+    end
+  end
+end
+
+if clock ~= nil then
+  -- expiry: every lease whose deadline the watermark has passed (not during a grace)
+  local due = {}
+  if clock >= grace_until then
+    due = redis.call('ZRANGEBYSCORE', dls, '-inf', '(' .. clock, 'LIMIT', 0, 1000)
+  end
+  for _, field in ipairs(due) do
+    local cut = string.find(field, SEP, 1, true)
+    local service, iid = string.sub(field, 1, cut - 1), string.sub(field, cut + 1)
+    remove(service, iid, field, redis.call('HGET', vers, field) or '', 'expired')
+    expired = expired + 1
+  end
+  local old = redis.call('ZRANGEBYSCORE', tombdl, '-inf', clock, 'LIMIT', 0, 500)
+  for _, field in ipairs(old) do
+    redis.call('HDEL', tomb, field)
+    redis.call('ZREM', tombdl, field)
+  end
+  redis.call('HSET', st, 'offset', offset, 'last_ts', last_ts, 'clock', clock,
+    'grace_until', grace_until)
+end
+if applied > 0 then redis.call('HINCRBY', st, 'applied', applied) end
+if stale > 0 then redis.call('HINCRBY', st, 'stale', stale) end
+if replayed > 0 then redis.call('HINCRBY', st, 'replayed', replayed) end
+if expired > 0 then redis.call('HINCRBY', st, 'expired', expired) end
+return {offset, changes, applied, stale, replayed, expired, redis.call('LLEN', outbox)}

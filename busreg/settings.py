@@ -1,0 +1,237 @@
+"""Typed settings, read from ``BUSREG_*`` environment variables and passed explicitly.
+
+    settings = Settings()                                   # environment
+    settings = Settings(amqp_url="amqp://app:secret@mq:5672/prod", namespace="prod")
+
+Nested groups use ``__``: ``BUSREG_WORKER__TICK_INTERVAL=0.05``.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import SplitResult, unquote, urlsplit
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from . import constants as c
+from .errors import ConfigurationError
+
+__all__ = ["AuthSettings", "ClientSettings", "Settings", "StreamEndpoint", "WorkerSettings"]
+
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,47}$"
+
+
+def _split(url: str) -> SplitResult:
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a non-numeric or out-of-range port
+    except ValueError as exc:
+        raise ValueError(f"bad port in {parts.scheme}:// URL") from exc
+    return parts
+
+
+class WorkerSettings(BaseModel):
+    """Shard worker tuning; the defaults meet the targets in DESIGN.md §4."""
+
+    tick_interval: float = Field(c.DEFAULT_TICK_INTERVAL, gt=0, le=5)
+    max_clock_step: float = Field(c.DEFAULT_MAX_CLOCK_STEP, gt=0, le=60)
+    outage_grace: float = Field(c.DEFAULT_OUTAGE_GRACE, ge=0, le=600)
+    replay_window: float = Field(c.DEFAULT_REPLAY_WINDOW, gt=0)
+    tombstone_ttl: float = Field(c.DEFAULT_TOMBSTONE_TTL, gt=0)
+    lease_ttl: float = Field(c.DEFAULT_LEASE_TTL, ge=0.3, le=60)
+    batch_max: int = Field(1000, ge=1, le=10_000)
+    buffer_max: int = Field(20_000, ge=100)
+    outbox_batch: int = Field(500, ge=1, le=10_000)
+    drain_timeout: float = Field(5.0, gt=0)
+    worker_id: str | None = None
+    #: Serve Prometheus metrics on this TCP port (``GET /metrics``; 0 picks a free port);
+    #: None (the default) serves none. See docs/metrics.md.
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    #: Address the metrics port binds ("0.0.0.0": every interface, for a scraper elsewhere).
+    metrics_host: str = "0.0.0.0"
+
+
+class AuthSettings(BaseModel):
+    """Who may write events for which service (see busreg.auth).
+
+    ``mode="off"`` (the development default; workers log it loudly) accepts everything.
+    ``mode="enforce"`` dead-letters, as ``unauthorised``, any event that is neither signed
+    with its service's key nor (with ``accept_unsigned_amqp``) published over AMQP by an
+    identity the owner mapping allows.
+    """
+
+    mode: Literal["off", "enforce"] = "off"
+    #: Workers' secret; service keys derive from it. Never give it to registrants.
+    secret: SecretStr | None = None
+    #: broker user -> service patterns it may act for (default: the same-named service)
+    owners: dict[str, list[str]] = Field(default_factory=dict)
+    #: Trust the broker-validated user_id alone. Safe only when no untrusted principal may
+    #: write to the ingest streams directly (stream protocol), which could forge it.
+    accept_unsigned_amqp: bool = False
+
+    def secret_bytes(self) -> bytes | None:
+        return None if self.secret is None else self.secret.get_secret_value().encode()
+
+
+class ClientSettings(BaseModel):
+    """Registrant and watcher defaults."""
+
+    heartbeat_interval: float = Field(c.DEFAULT_HEARTBEAT_INTERVAL, gt=0, le=30)
+    ttl: float = Field(c.DEFAULT_TTL, gt=0, le=c.MAX_TTL)
+    confirm_timeout: float = Field(c.DEFAULT_CONFIRM_TIMEOUT, gt=0)
+    request_timeout: float = Field(3.0, gt=0)
+    watch_queue_max: int = Field(10_000, ge=10)
+    #: Hex service key(s) this registrant signs with: "service=hexkey,other=hexkey", or one
+    #: bare hex key used for every service (``busreg keys SERVICE`` prints them).
+    signing_keys: SecretStr | None = None
+    #: How registrations travel: "stream" (rstream, fast; the broker user needs write on
+    #: the ingest streams) or "amqp" (the super stream exchange, with the broker-validated
+    #: user_id as identity: for least-privilege per-service users).
+    ingest_protocol: Literal["stream", "amqp"] = "stream"
+
+    def keys(self) -> dict[str, bytes]:
+        """Service -> key; the ``"*"`` entry is a key used for any service."""
+        if self.signing_keys is None:
+            return {}
+        out: dict[str, bytes] = {}
+        for item in self.signing_keys.get_secret_value().split(","):
+            service, sep, key = item.strip().rpartition("=")
+            try:
+                out[service if sep else "*"] = bytes.fromhex(key)
+            except ValueError as exc:
+                raise ValueError("client.signing_keys: keys must be hex") from exc
+        return out
+
+
+@dataclass(frozen=True)
+class StreamEndpoint:
+    """Where and how to reach the RabbitMQ stream protocol listener."""
+
+    host: str
+    port: int
+    username: str
+    password: str
+    vhost: str
+    ssl_context: ssl.SSLContext | None
+
+
+class Settings(BaseSettings):
+    """Everything a worker, a client or the CLI needs to know."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BUSREG_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    #: Stream protocol URL; by default the AMQP URL's host, user and vhost on port 5552.
+    stream_url: str | None = None
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = Field("busreg", pattern=_NAME_PATTERN)
+    partitions: int = Field(8, ge=1, le=256)
+    #: Segment and retention of the ingest partitions (bytes). Small segments make
+    #: retention bite on quiet partitions too (it is only enforced when a segment rolls).
+    stream_max_bytes: int = Field(512 * 1024 * 1024, ge=1024 * 1024)
+    stream_segment_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024)
+    worker: WorkerSettings = WorkerSettings()
+    client: ClientSettings = ClientSettings()
+    auth: AuthSettings = AuthSettings()
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _check_amqp(cls, value: str) -> str:
+        parts = _split(value)
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            raise ValueError("must look like amqp://user:password@host:5672/vhost")
+        return value
+
+    @field_validator("stream_url")
+    @classmethod
+    def _check_stream(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = _split(value)
+        if parts.scheme not in ("rabbitmq-stream", "rabbitmq-stream+tls") or not parts.hostname:
+            raise ValueError("must look like rabbitmq-stream://user:password@host:5552/vhost")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis(cls, value: str) -> str:
+        parts = _split(value)
+        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+            raise ValueError("must look like redis://[user:password@]host:6379/0")
+        return value
+
+    @model_validator(mode="after")
+    def _check_client(self) -> Settings:
+        self.client.keys()  # malformed keys are a settings error, not a runtime one
+        if (
+            self.auth.mode == "enforce"
+            and self.auth.secret is None
+            and not (self.auth.accept_unsigned_amqp)
+        ):
+            raise ValueError("auth.mode=enforce needs auth.secret (or accept_unsigned_amqp)")
+        if self.client.ttl <= self.client.heartbeat_interval:
+            raise ValueError("client.ttl must be longer than client.heartbeat_interval")
+        if self.client.ttl * 2 > self.worker.replay_window:
+            raise ValueError("worker.replay_window must be at least twice client.ttl")
+        return self
+
+    def to_env(self, *, exclude: frozenset[str] = frozenset()) -> dict[str, str]:
+        """``BUSREG_*`` variables that make a child process (``python -m busreg ...``) load
+        these settings; ``exclude`` names variables to leave out (``"WORKER__METRICS_PORT"``).
+        The auth group is never passed on: the workers' secret stays where it was given."""
+        env = {
+            "BUSREG_AMQP_URL": self.amqp_url,
+            "BUSREG_REDIS_URL": self.redis_url,
+            "BUSREG_NAMESPACE": self.namespace,
+            "BUSREG_PARTITIONS": str(self.partitions),
+            "BUSREG_STREAM_MAX_BYTES": str(self.stream_max_bytes),
+            "BUSREG_STREAM_SEGMENT_BYTES": str(self.stream_segment_bytes),
+        }
+        if self.stream_url:
+            env["BUSREG_STREAM_URL"] = self.stream_url
+        for group, model in (("WORKER", self.worker), ("CLIENT", self.client)):
+            for name, value in model:
+                if value is None:
+                    continue
+                if isinstance(value, SecretStr):
+                    value = value.get_secret_value()
+                env[f"BUSREG_{group}__{name.upper()}"] = str(value)
+        return {k: v for k, v in env.items() if k.removeprefix("BUSREG_") not in exclude}
+
+    def stream_endpoint(self) -> StreamEndpoint:
+        """The stream listener: ``stream_url`` if set, else derived from ``amqp_url``."""
+        if self.stream_url is not None:
+            parts = urlsplit(self.stream_url)
+            tls = parts.scheme.endswith("+tls")
+            port = parts.port or (5551 if tls else 5552)
+        else:
+            parts = urlsplit(self.amqp_url)
+            tls = parts.scheme == "amqps"
+            port = 5551 if tls else 5552
+        vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+        return StreamEndpoint(
+            host=parts.hostname or "127.0.0.1",
+            port=port,
+            username=unquote(parts.username or "guest"),
+            password=unquote(parts.password or "guest"),
+            vhost=vhost,
+            ssl_context=ssl.create_default_context() if tls else None,
+        )
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment plus overrides; errors become ConfigurationError."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigurationError(f"invalid settings: {problems}") from exc

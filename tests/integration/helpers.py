@@ -1,0 +1,86 @@
+"""Helpers for multi-process tests: real worker and registrant processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+from busreg import Settings
+from busreg.connections import connect_redis
+from busreg.store import PartitionStore
+
+HERE = Path(__file__).parent
+T = TypeVar("T")
+
+
+def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment that makes a child process use ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("BUSREG_")}
+    env.update(settings.to_env(), PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def spawn_worker(settings: Settings, worker_id: str, log_path: Path) -> subprocess.Popen[bytes]:
+    log = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+    return subprocess.Popen(
+        [sys.executable, "-m", "busreg", "worker", "--worker-id", worker_id],
+        env=settings_env(settings),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]], ok: Callable[[T], bool], *, timeout: float, what: str
+) -> T:
+    """Poll another process's observable state until ``ok`` holds (deadline: hang guard).
+
+    Used only where the state lives in another process and offers no notification."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if ok(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {value!r}")
+        await asyncio.sleep(0.02)
+
+
+async def owners(settings: Settings) -> dict[int, str | None]:
+    """Partition -> owning worker id, read from the lease keys in Redis."""
+    redis = await connect_redis(settings)
+    try:
+        store = PartitionStore(redis, settings.namespace)
+        out: dict[int, str | None] = {}
+        for k in range(settings.partitions):
+            holder = await store.owner(k)
+            out[k] = holder.split("|", 1)[0] if holder else None
+        return out
+    finally:
+        await redis.aclose()
+
+
+async def partition_states(settings: Settings) -> dict[int, dict[str, str]]:
+    redis = await connect_redis(settings)
+    try:
+        store = PartitionStore(redis, settings.namespace)
+        return {k: await store.partition_state(k) for k in range(settings.partitions)}
+    finally:
+        await redis.aclose()
