@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from .amqp10 import MalformedAmqp, check_message
 from .auth import split_signed
 from .constants import MAX_EVENT_BYTES, PROTOCOL_VERSION
 from .errors import InvalidEvent
@@ -108,6 +109,11 @@ def encode_instance(instance: Instance) -> str:
 def _unwrap_amqp(body: bytes) -> tuple[bytes, str | None]:
     from rstream import amqp_decoder
 
+    try:
+        # rstream's decoder trusts declared sizes and counts: check them first (see amqp10)
+        check_message(body)
+    except MalformedAmqp as exc:
+        raise InvalidEvent(MALFORMED, f"not JSON and not an AMQP 1.0 message: {exc}") from exc
     try:
         message = amqp_decoder(body)
     except Exception as exc:  # the decoder raises assorted types on garbage
