@@ -120,3 +120,9 @@ DEFAULT_LEASE_TTL = 1.5
 
 #: A registration returns once the broker confirmed it; give up after this long.
 DEFAULT_CONFIRM_TIMEOUT = 5.0
+
+#: A worker's own broker round trips (a partition's stream subscribe, the confirms of a
+#: batch of deltas) fail after this long instead of waiting for ever: a stuck request must
+#: not pin a partition (its runner retries, or hands the partition back). rstream's own
+#: request timeout is 10 s per request, and a subscribe makes several.
+WORKER_BROKER_TIMEOUT = 5.0

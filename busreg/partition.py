@@ -29,7 +29,7 @@ from . import constants as c
 from .auth import Authorizer
 from .codec import UNAUTHORISED, WRONG_PARTITION, decode_ingest, encode_registration
 from .connections import translate, translate_stream
-from .errors import BusregError, Fenced, InvalidEvent
+from .errors import BusregError, Fenced, InvalidEvent, PublishFailed
 from .ingest import StreamWriter
 from .models import Deregister, Tick
 from .partitioning import partition_for
@@ -133,9 +133,10 @@ class PartitionRunner:
             since = int((time.time() - self.settings.worker.replay_window) * 1000)
             spec = ConsumerOffsetSpecification(OffsetType.TIMESTAMP, since)
         with translate_stream(f"subscribe {self._stream}"):
-            self._subscriber_id = await self.consumer.subscribe(
-                self._stream, self._on_message, offset_specification=spec, initial_credit=20
-            )
+            async with asyncio.timeout(c.WORKER_BROKER_TIMEOUT):
+                self._subscriber_id = await self.consumer.subscribe(
+                    self._stream, self._on_message, offset_specification=spec, initial_credit=20
+                )
 
     def fail(self, error: BusregError) -> None:
         """End this runner with ``error`` (e.g. its stream connection closed): the worker
@@ -366,7 +367,15 @@ class PartitionRunner:
                         )
                     )
                 )
-            results = await asyncio.gather(*futures, return_exceptions=True)
+            try:
+                async with asyncio.timeout(c.WORKER_BROKER_TIMEOUT):
+                    results = await asyncio.gather(*futures, return_exceptions=True)
+            except TimeoutError:
+                for f in futures:
+                    f.cancel()
+                raise PublishFailed(
+                    f"no confirm for {len(entries)} deltas within {c.WORKER_BROKER_TIMEOUT}s"
+                ) from None
         for r in results:
             if isinstance(r, BaseException):
                 with translate("publish deltas"):

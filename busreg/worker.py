@@ -68,6 +68,8 @@ class _Owned:
         self.runner = runner
         self.task = task
         self.handing_over = False
+        #: when a handover that has not finished by then is cut short (monotonic seconds)
+        self.handover_deadline = 0.0
 
 
 class Worker:
@@ -253,7 +255,21 @@ class Worker:
                     if k not in mine and not owned.handing_over:
                         log.info("partition handover partition=%d worker=%s", k, self.worker_id)
                         owned.handing_over = True
+                        owned.handover_deadline = (
+                            time.monotonic() + self.settings.worker.drain_timeout
+                        )
                         owned.runner.stop()
+                    elif owned.handing_over and time.monotonic() > owned.handover_deadline:
+                        # A runner stuck on the broker (a request or confirm that never
+                        # comes) must not keep the partition from its new owner. Cutting it
+                        # short is exact: what it applied is committed with its offset and
+                        # outbox, and the next owner reads and publishes the rest.
+                        log.warning(
+                            "partition handover overran partition=%d worker=%s after=%.1fs",
+                            k, self.worker_id, self.settings.worker.drain_timeout,
+                        )
+                        owned.handover_deadline = float("inf")  # cancel once
+                        owned.task.cancel()
                 now = time.monotonic()
                 for k in sorted(mine - self._owned.keys()):
                     if self._backoff.get(k, (0.0, 0.0))[0] <= now:
