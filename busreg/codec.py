@@ -30,7 +30,7 @@ __all__ = [
     "decode_ingest",
     "encode_event",
     "encode_instance",
-    "encode_registration",
+    "encode_stored",
 ]
 
 Event = Register | Heartbeat | Deregister | Tick
@@ -82,13 +82,14 @@ def _refusal(body: bytes, exc: ValidationError) -> InvalidEvent:
     return InvalidEvent(INVALID, f"{where}: {first['msg']}")
 
 
-def encode_registration(event: Register | Heartbeat) -> str:
-    """``encode_instance(event.instance())`` without building and validating an Instance
-    (the worker's hot path: same bytes, a third of the cost)."""
+def encode_stored(event: Register | Heartbeat) -> str:
+    """The instance as the worker stores it in Redis: ``encode_instance(event.instance())``
+    without ``service`` and ``instance_id`` (the hash key and field hold them; leaving them
+    out saves ~45 B per instance). ``apply.lua`` and ``snapshot.lua`` splice them back in
+    front of what subscribers see. Built without an Instance (the worker's hot path: a
+    third of the cost); sorted keys, so equal instances give equal strings."""
     return orjson.dumps(
         {
-            "service": event.service,
-            "instance_id": event.instance_id,
             "incarnation": event.incarnation,
             "address": event.address,
             "zone": event.zone,

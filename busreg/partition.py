@@ -27,7 +27,7 @@ from aio_pika.abc import AbstractChannel
 
 from . import constants as c
 from .auth import Authorizer
-from .codec import UNAUTHORISED, WRONG_PARTITION, decode_ingest, encode_registration
+from .codec import UNAUTHORISED, WRONG_PARTITION, decode_ingest, encode_stored
 from .connections import translate, translate_stream
 from .errors import BusregError, Fenced, InvalidEvent, PublishFailed
 from .ingest import StreamWriter
@@ -232,7 +232,7 @@ class PartitionRunner:
                         event.instance_id,
                         version,
                         int(event.ttl * 1000),
-                        encode_registration(event),
+                        encode_stored(event),
                     )
             except Exception as exc:  # one bad message must never stop a partition
                 bad = exc if isinstance(exc, InvalidEvent) else None

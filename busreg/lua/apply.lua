@@ -7,13 +7,17 @@
 -- ARGV[6]  outage grace (ms)
 -- then 8 fields per event: offset, broker ts (ms), op, service, instance id,
 --   version ("%020d%016d" of incarnation, seq: compares as a string), ttl (ms), payload
---   op U = register/heartbeat (payload: canonical instance JSON)
+--   op U = register/heartbeat (payload: stored instance JSON, see s:<svc>)
 --   op D = deregister         op N = no state change (tick; payload: dead letter or "")
 --
 -- Keys under the prefix:
 --   state      hash  fence, epoch, offset, last_ts, clock, counters
---   s:<svc>    hash  instance id -> instance JSON (what subscribers see)
---   ver        hash  svc<US>id -> version of the newest applied event
+--   s:<svc>    hash  instance id -> version .. stored JSON: the 36-byte version of the
+--                    newest applied event, then the canonical instance JSON without service
+--                    and instance_id (codec.encode_stored; full() puts them back for
+--                    subscribers). One entry instead of a second hash keyed by svc<US>id, and
+--                    no copy of the key fields, save ~120 B per instance and one HGET per
+--                    heartbeat.
 --   deadlines  zset  svc<US>id -> lease deadline on the partition clock (ms)
 --   tomb       hash  svc<US>id -> version at removal;  tombdl zset: when to forget it
 --   rev        hash  svc -> revision (grows by one per visible change)
@@ -44,10 +48,17 @@ local last_ts = tonumber(cur[4])
 local clock = tonumber(cur[5])
 local grace_until = tonumber(cur[6]) or 0
 
-local revs, dls, vers = p .. 'rev', p .. 'deadlines', p .. 'ver'
+local revs, dls = p .. 'rev', p .. 'deadlines'
 local tomb, tombdl, outbox = p .. 'tomb', p .. 'tombdl', p .. 'outbox'
 local SEP = '\31'
+local VW = 36  -- version width: "%020d%016d" of (incarnation < 2^63, seq < 2^53)
 local applied, stale, replayed, changes, expired = 0, 0, 0, 0, 0
+
+-- What subscribers see: the stored JSON with service and instance_id in front. Both match
+-- [A-Za-z0-9_.:@-]+ (models.py), so they need no JSON escaping.
+local function full(service, iid, stored)
+  return '{"instance_id":"' .. iid .. '","service":"' .. service .. '",' .. string.sub(stored, 2)
+end
 
 local function announce(service, kind, inst, reason)
   local rev = redis.call('HINCRBY', revs, service, 1)
@@ -63,14 +74,14 @@ local function forget(field, ver)
   redis.call('ZADD', tombdl, clock + tomb_ms, field)
 end
 
-local function remove(service, iid, field, ver, reason)
-  local skey = p .. 's:' .. service
-  local inst = redis.call('HGET', skey, iid)
-  redis.call('HDEL', skey, iid)
-  redis.call('HDEL', vers, field)
+-- prev: the instance's stored entry (version .. JSON), or false if it has none
+local function remove(service, iid, field, ver, reason, prev)
+  if prev then redis.call('HDEL', p .. 's:' .. service, iid) end
   redis.call('ZREM', dls, field)
   forget(field, ver)
-  if inst then announce(service, 'removed', inst, reason) end
+  if prev then
+    announce(service, 'removed', full(service, iid, string.sub(prev, VW + 1)), reason)
+  end
 end
 
 for i = 0, n - 1 do
@@ -96,10 +107,11 @@ for i = 0, n - 1 do
       local service, iid, ver = ARGV[b + 4], ARGV[b + 5], ARGV[b + 6]
       local ttl, inst = tonumber(ARGV[b + 7]), ARGV[b + 8]
       local field = service .. SEP .. iid
-      local old = redis.call('HGET', vers, field)
+      local skey = p .. 's:' .. service
+      local prev = redis.call('HGET', skey, iid)
       local fresh
-      if old then
-        fresh = ver > old
+      if prev then
+        fresh = ver > string.sub(prev, 1, VW)
       else
         local t = redis.call('HGET', tomb, field)
         fresh = (not t) or ver > t
@@ -110,13 +122,14 @@ for i = 0, n - 1 do
       end
       if fresh then
         applied = applied + 1
-        redis.call('HSET', vers, field, ver)
         redis.call('ZADD', dls, clock + ttl, field)
-        local skey = p .. 's:' .. service
-        local prev = redis.call('HGET', skey, iid)
-        if prev ~= inst then
-          redis.call('HSET', skey, iid, inst)
-          announce(service, prev and 'modified' or 'added', inst, nil)
+        -- the version changes with every event, so the entry is always rewritten; only a
+        -- change of what subscribers see is announced
+        redis.call('HSET', skey, iid, ver .. inst)
+        if not prev then
+          announce(service, 'added', full(service, iid, inst), nil)
+        elseif string.sub(prev, VW + 1) ~= inst then
+          announce(service, 'modified', full(service, iid, inst), nil)
         end
       else
         stale = stale + 1
@@ -124,15 +137,15 @@ for i = 0, n - 1 do
     elseif op == 'D' then
       local service, iid, ver = ARGV[b + 4], ARGV[b + 5], ARGV[b + 6]
       local field = service .. SEP .. iid
-      local old = redis.call('HGET', vers, field)
-      if old and ver > old then
+      local prev = redis.call('HGET', p .. 's:' .. service, iid)
+      if prev and ver > string.sub(prev, 1, VW) then
         applied = applied + 1
-        remove(service, iid, field, ver, 'deregistered')
+        remove(service, iid, field, ver, 'deregistered', prev)
       else
         stale = stale + 1
         -- unknown instance: remember the deregistration so an older, late heartbeat of
         -- the same incarnation cannot register it afterwards
-        if not old then
+        if not prev then
           local t = redis.call('HGET', tomb, field)
           if (not t) or ver > t then forget(field, ver) end
         end
@@ -156,7 +169,8 @@ if clock ~= nil then
   for _, field in ipairs(due) do
     local cut = string.find(field, SEP, 1, true)
     local service, iid = string.sub(field, 1, cut - 1), string.sub(field, cut + 1)
-    remove(service, iid, field, redis.call('HGET', vers, field) or '', 'expired')
+    local prev = redis.call('HGET', p .. 's:' .. service, iid)
+    remove(service, iid, field, prev and string.sub(prev, 1, VW) or '', 'expired', prev)
     expired = expired + 1
   end
   local old = redis.call('ZRANGEBYSCORE', tombdl, '-inf', clock, 'LIMIT', 0, 500)

@@ -1,5 +1,14 @@
 -- One service's instances and revision, read atomically. KEYS[1] prefix; ARGV[1] service
+-- Entries are version (36 bytes) .. stored JSON (no service, instance_id: see apply.lua);
+-- subscribers get the full instance JSON.
 local p = KEYS[1]
+local service = ARGV[1]
 local epoch = redis.call('HGET', p .. 'state', 'epoch') or ''
-local rev = redis.call('HGET', p .. 'rev', ARGV[1]) or '0'
-return {epoch, rev, redis.call('HVALS', p .. 's:' .. ARGV[1])}
+local rev = redis.call('HGET', p .. 'rev', service) or '0'
+local all = redis.call('HGETALL', p .. 's:' .. service)
+local out = {}
+for i = 1, #all, 2 do
+  out[#out + 1] = '{"instance_id":"' .. all[i] .. '","service":"' .. service .. '",'
+    .. string.sub(all[i + 1], 38)
+end
+return {epoch, rev, out}
