@@ -304,6 +304,7 @@ def _change_line(change: Change, as_json: bool, reason: str | None = None) -> st
 
 async def _cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     from .models import DeltaKind
+    from .worker import cancel_until_done
 
     stop = asyncio.Event()
     async with Registry(settings, name=f"busreg-watch {args.service}") as registry:
@@ -325,7 +326,7 @@ async def _cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
                         await stop.wait()
                 except TimeoutError:
                     pass
-                task.cancel()
+                await cancel_until_done([task])
 
         await _until_signal(run, stop.set)
     return 0

@@ -24,7 +24,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -61,6 +61,20 @@ class WorkerStatus:
     worker_id: str
     live_workers: list[str]
     owned: dict[int, PartitionStats]
+
+
+async def cancel_until_done(tasks: Collection[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait for them, cancelling again any that is still running.
+
+    Why again: on Python 3.11, ``asyncio.wait_for`` (which redis-py and aio-pika use inside
+    every call) swallows a cancellation that arrives as its inner future completes
+    (CPython gh-86296, fixed in 3.12), and the task runs on. Seen here as a task looping
+    for ever after one ``cancel()``."""
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.5)
 
 
 class _Owned:
@@ -234,10 +248,8 @@ class Worker:
                 _, pending = await asyncio.wait(tasks, timeout=self.settings.worker.drain_timeout)
                 for task in pending:
                     log.warning("drain deadline passed; cancelling %s", task.get_name())
-                    task.cancel()
-            rpc.cancel()
-            if metrics is not None:
-                metrics.cancel()
+                await cancel_until_done(pending)
+            await cancel_until_done([rpc] if metrics is None else [rpc, metrics])
 
     async def _control_loop(self) -> None:
         assert self.store is not None
@@ -268,8 +280,8 @@ class Worker:
                             "partition handover overran partition=%d worker=%s after=%.1fs",
                             k, self.worker_id, self.settings.worker.drain_timeout,
                         )
-                        owned.handover_deadline = float("inf")  # cancel once
-                        owned.task.cancel()
+                        owned.handover_deadline = time.monotonic()  # again next round
+                        owned.task.cancel()  # (a cancel can be lost: see cancel_until_done)
                 now = time.monotonic()
                 for k in sorted(mine - self._owned.keys()):
                     if self._backoff.get(k, (0.0, 0.0))[0] <= now:

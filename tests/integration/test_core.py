@@ -15,7 +15,7 @@ from busreg.connections import connect_amqp, stream_producer
 from busreg.groups import declare_group
 from busreg.ingest import IngestPublisher, StreamWriter
 from busreg.models import Deregister, Heartbeat, Register
-from busreg.worker import Worker
+from busreg.worker import Worker, cancel_until_done
 
 from .helpers import partition_states
 
@@ -210,8 +210,7 @@ async def test_consumer_group_members_share_each_delta_once(
             await view.wait_for(lambda i: len(i) == total, timeout=15)
             async with asyncio.timeout(15):
                 await done.wait()
-            for t in tasks:
-                t.cancel()
+            await cancel_until_done(tasks)
     together = sorted(received["a"] + received["b"])
     assert together == list(range(1, total + 1)), "each delta exactly once across the group"
     assert received["a"], "members take turns"

@@ -16,7 +16,7 @@ from busreg.ingest import IngestPublisher, StreamWriter
 from busreg.models import Heartbeat, Register
 from busreg.partition import PartitionRunner
 from busreg.testing import running_worker
-from busreg.worker import Worker
+from busreg.worker import Worker, cancel_until_done
 
 from .helpers import eventually, owners, partition_states, spawn_worker, stop_process
 
@@ -113,7 +113,7 @@ async def test_delta_committed_before_a_crash_is_published_after_restart(
             await client.register("outboxed", address="127.0.0.1:5000", instance_id="o-1")
             async with asyncio.timeout(10):
                 await gate.wait()
-            task.cancel()  # hard stop: no drain, no release (like SIGKILL)
+            await cancel_until_done([task])  # hard stop: no drain, no release (like SIGKILL)
         k = partition_for("outboxed", settings.partitions)
         assert int((await partition_states(settings))[k]["outbox"]) >= 1
         assert "o-1" not in view.instances
@@ -219,3 +219,58 @@ async def test_graceful_stop_hands_partitions_over_without_loss(
     finally:
         stop_process(first)
     assert first.returncode == 0
+
+
+@pytest.mark.busreg(partitions=2)
+async def test_a_handover_stuck_on_the_broker_is_cut_short_and_loses_nothing(
+    busreg_namespace: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A runner whose delta confirms never come must not keep its partition from the
+    worker it is handed to: after drain_timeout the handover is cut short, and the new
+    owner publishes what the stuck one had committed to the outbox."""
+    settings = busreg_namespace.model_copy(
+        update={"worker": busreg_namespace.worker.model_copy(update={"drain_timeout": 1.0})}
+    )
+    # "a" sorts before "b": with both live, partition 1 is b's (k mod W over sorted ids)
+    service = next(f"stuck{i}" for i in range(100) if partition_for(f"stuck{i}", 2) == 1)
+    async with (
+        running_worker(settings, worker_id="a"),
+        Registry(settings) as registrants,
+        Registry(settings) as watcher,
+    ):
+        view = await watcher.watch(service, resync_interval=None)
+        await registrants.register(service, address="127.0.0.1:1", instance_id="before")
+        await view.wait_for(lambda i: "before" in i, timeout=10)
+        resyncs = view.resyncs  # the initial snapshot
+
+        async def never_confirmed(self: PartitionRunner, entries: list[bytes]) -> None:
+            await asyncio.Event().wait()  # a broker that takes the publish, never confirms
+
+        monkeypatch.setattr(PartitionRunner, "_publish", never_confirmed)
+        await registrants.register(service, address="127.0.0.1:2", instance_id="during")
+        await eventually(
+            lambda: partition_states(settings),
+            lambda s: int(s[1]["outbox"]) >= 1,
+            timeout=10,
+            what="the delta committed to the outbox, its publish stuck",
+        )
+        b = spawn_worker(settings, "b", tmp_path / "b.log")
+        try:
+            t0 = time.monotonic()
+            await eventually(
+                lambda: owners(settings),
+                lambda o: o == {0: "a", 1: "b"},
+                timeout=20,
+                what="b owns partition 1 although a's runner is stuck",
+            )
+            took = time.monotonic() - t0
+            # the new owner publishes what the stuck runner had committed
+            await view.wait_for(lambda i: "during" in i, timeout=10)
+            assert view.resyncs == resyncs, "the delta should arrive in order, not by a resync"
+        finally:
+            stop_process(b)
+    assert "partition handover overran partition=1 worker=a" in caplog.text
+    print(f"stuck handover cut short; b owned partition 1 after {took:.2f}s")
