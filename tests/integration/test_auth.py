@@ -17,6 +17,7 @@ from busreg import AuthenticationFailed, PublishFailed, Registry, Settings, part
 from busreg import constants as c
 from busreg.auth import service_key, sign
 from busreg.codec import encode_event
+from busreg.connections import connect_amqp
 from busreg.deadletters import read_dead_letters
 from busreg.ingest import IngestPublisher, StreamWriter
 from busreg.models import Deregister, Heartbeat, Register
@@ -225,7 +226,20 @@ async def test_a_least_privilege_service_user_can_do_its_job_and_no_more(
     finally:
         await writer.close()
     # and another service's group is not its own
-    async with Registry(mine, name="inventory-app") as app:
-        with pytest.raises(AuthenticationFailed):
-            async with app.consume_group("billing", "billing-ledger") as _messages:
-                pass
+    try:
+        async with Registry(mine, name="inventory-app") as app:
+            with pytest.raises(AuthenticationFailed):
+                async with app.consume_group("billing", "billing-ledger") as _messages:
+                    pass
+    finally:
+        # what the namespace cleanup cannot find: it knows services from Redis, not groups
+        conn = await connect_amqp(settings, "auth-cleanup")
+        try:
+            channel = await conn.channel()
+            await channel.queue_delete(
+                c.group_queue(settings.namespace, "inventory", "inventory-audit")
+            )
+            # billing never registered, so the namespace cleanup does not know its exchange
+            await channel.exchange_delete(c.service_exchange(settings.namespace, "billing"))
+        finally:
+            await conn.close()
