@@ -74,13 +74,20 @@ class PrivateRabbit:
 
 
 @contextlib.contextmanager
-def private_rabbitmq() -> Iterator[PrivateRabbit]:
+def private_rabbitmq(
+    listeners: str | None = None, ready_port: int = RABBIT_STREAM_PORT
+) -> Iterator[PrivateRabbit]:
+    """A private node; ``listeners`` replaces the plain AMQP and stream listener lines of
+    its rabbitmq.conf (e.g. TLS ones), and ``ready_port`` is the port that says it is up."""
     if shutil.which("rabbitmq-server") is None or shutil.which("rabbitmqctl") is None:
         _unavailable("RabbitMQ (rabbitmq-server not installed)")
     base = Path(tempfile.mkdtemp(prefix="busreg-rabbit-"))
     (base / "rabbitmq.conf").write_text(
-        f"listeners.tcp.1 = 127.0.0.1:{RABBIT_AMQP_PORT}\n"
-        f"stream.listeners.tcp.1 = 127.0.0.1:{RABBIT_STREAM_PORT}\n"
+        listeners
+        or (
+            f"listeners.tcp.1 = 127.0.0.1:{RABBIT_AMQP_PORT}\n"
+            f"stream.listeners.tcp.1 = 127.0.0.1:{RABBIT_STREAM_PORT}\n"
+        )
     )
     (base / "enabled_plugins").write_text("[rabbitmq_stream].\n")
     with contextlib.suppress(KeyError, PermissionError):
@@ -113,7 +120,7 @@ def private_rabbitmq() -> Iterator[PrivateRabbit]:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)  # waiting for another process to boot
-        if not _wait_port(RABBIT_STREAM_PORT, 30):
+        if not _wait_port(ready_port, 30):
             _unavailable("RabbitMQ (stream listener did not open)")
         yield node
     except subprocess.SubprocessError as exc:
@@ -129,6 +136,9 @@ def private_rabbitmq() -> Iterator[PrivateRabbit]:
 class PrivateRedis:
     base: Path
     process: subprocess.Popen[bytes] | None = None
+    #: replaces ``--port REDIS_PORT`` (e.g. ``--port 0 --tls-port ...``)
+    listen: tuple[str, ...] = ("--port", str(REDIS_PORT))
+    ready_port: int = REDIS_PORT
 
     @property
     def url(self) -> str:
@@ -138,8 +148,7 @@ class PrivateRedis:
         self.process = subprocess.Popen(
             [
                 "redis-server",
-                "--port",
-                str(REDIS_PORT),
+                *self.listen,
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -152,7 +161,7 @@ class PrivateRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        assert _wait_port(REDIS_PORT, 10), "private Redis did not start"
+        assert _wait_port(self.ready_port, 10), "private Redis did not start"
 
     def kill(self) -> None:
         """Redis dies and loses everything (it keeps nothing on disk)."""
@@ -163,10 +172,12 @@ class PrivateRedis:
 
 
 @contextlib.contextmanager
-def private_redis() -> Iterator[PrivateRedis]:
+def private_redis(
+    listen: tuple[str, ...] = ("--port", str(REDIS_PORT)), ready_port: int = REDIS_PORT
+) -> Iterator[PrivateRedis]:
     if shutil.which("redis-server") is None:
         _unavailable("Redis (redis-server not installed)")
-    server = PrivateRedis(Path(tempfile.mkdtemp(prefix="busreg-redis-")))
+    server = PrivateRedis(Path(tempfile.mkdtemp(prefix="busreg-redis-")), None, listen, ready_port)
     try:
         server.start()
         yield server
