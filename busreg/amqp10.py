@@ -51,6 +51,21 @@ def _uint(buf: bytes, pos: int, width: int, end: int) -> int:
     return int.from_bytes(buf[pos : pos + width], "big")
 
 
+def _sized(buf: bytes, pos: int, end: int, width: int, what: str) -> tuple[int, int, int]:
+    """Read the size and count fields (``width`` bytes each) of a compound or an array at
+    ``pos``; return (position after them, end of the value, count), checked to fit."""
+    size = _uint(buf, pos, width, end)
+    pos += width
+    stop = pos + size
+    if stop > end:
+        raise MalformedAmqp(f"{what} of {size} bytes overruns at byte {pos}")
+    count = _uint(buf, pos, width, stop)
+    pos += width
+    if count > stop - pos:
+        raise MalformedAmqp(f"{what} declares {count} elements in {stop - pos} bytes")
+    return pos, stop, count
+
+
 def _value(buf: bytes, pos: int, end: int, depth: int, code: int | None = None) -> int:
     """Check one encoded value starting at ``pos`` (its constructor there, unless ``code``
     is given: an array element) and return the position after it."""
@@ -73,28 +88,12 @@ def _value(buf: bytes, pos: int, end: int, depth: int, code: int | None = None) 
             raise MalformedAmqp(f"0x{code:02x} of {size} bytes overruns at byte {pos}")
         return pos + size
     if (width := _COMPOUND.get(code)) is not None:
-        size = _uint(buf, pos, width, end)
-        pos += width
-        stop = pos + size
-        if stop > end:
-            raise MalformedAmqp(f"compound of {size} bytes overruns at byte {pos}")
-        count = _uint(buf, pos, width, stop)
-        pos += width
-        if count > stop - pos:
-            raise MalformedAmqp(f"compound declares {count} elements in {stop - pos} bytes")
+        pos, stop, count = _sized(buf, pos, end, width, "compound")
         for _ in range(count):
             pos = _value(buf, pos, stop, depth + 1)
         return stop
     if (width := _ARRAY.get(code)) is not None:
-        size = _uint(buf, pos, width, end)
-        pos += width
-        stop = pos + size
-        if stop > end:
-            raise MalformedAmqp(f"array of {size} bytes overruns at byte {pos}")
-        count = _uint(buf, pos, width, stop)
-        pos += width
-        if count > stop - pos:
-            raise MalformedAmqp(f"array declares {count} elements in {stop - pos} bytes")
+        pos, stop, count = _sized(buf, pos, end, width, "array")
         if count:
             element = _uint(buf, pos, 1, stop)
             pos += 1

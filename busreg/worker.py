@@ -84,6 +84,7 @@ class _Owned:
         self.handing_over = False
         #: when a handover that has not finished by then is cut short (monotonic seconds)
         self.handover_deadline = 0.0
+        self.cut_short = False
 
 
 class Worker:
@@ -276,12 +277,14 @@ class Worker:
                         # comes) must not keep the partition from its new owner. Cutting it
                         # short is exact: what it applied is committed with its offset and
                         # outbox, and the next owner reads and publishes the rest.
-                        log.warning(
-                            "partition handover overran partition=%d worker=%s after=%.1fs",
-                            k, self.worker_id, self.settings.worker.drain_timeout,
-                        )
-                        owned.handover_deadline = time.monotonic()  # again next round
-                        owned.task.cancel()  # (a cancel can be lost: see cancel_until_done)
+                        if not owned.cut_short:
+                            owned.cut_short = True
+                            log.warning(
+                                "partition handover overran partition=%d worker=%s after=%.1fs",
+                                k, self.worker_id, self.settings.worker.drain_timeout,
+                            )
+                        # every round until it ends: a cancel can be lost (cancel_until_done)
+                        owned.task.cancel()
                 now = time.monotonic()
                 for k in sorted(mine - self._owned.keys()):
                     if self._backoff.get(k, (0.0, 0.0))[0] <= now:

@@ -3,12 +3,13 @@
 -- subscribers get the full instance JSON.
 local p = KEYS[1]
 local service = ARGV[1]
+local VW = 36  -- version width, as in apply.lua
 local epoch = redis.call('HGET', p .. 'state', 'epoch') or ''
 local rev = redis.call('HGET', p .. 'rev', service) or '0'
 local all = redis.call('HGETALL', p .. 's:' .. service)
 local out = {}
 for i = 1, #all, 2 do
   out[#out + 1] = '{"instance_id":"' .. all[i] .. '","service":"' .. service .. '",'
-    .. string.sub(all[i + 1], 38)
+    .. string.sub(all[i + 1], VW + 2)  -- past the version and the stored JSON's '{'
 end
 return {epoch, rev, out}
