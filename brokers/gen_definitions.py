@@ -3,8 +3,8 @@
 
 The compose stack's RabbitMQ imports this file at boot (``load_definitions``), so the
 default namespace's topology exists before any worker starts. Every name and argument is
-taken from ``busreg.constants``, ``busreg.settings`` and ``busreg.topology``, which is
-what ``busreg.topology.apply_topology`` declares at run time; regenerate after changing any
+taken from ``busreg.constants``, ``busreg.settings`` and ``busreg.transport.topology``, which is
+what ``apply_topology`` declares at run time; regenerate after changing any
 of them:
 
     python brokers/gen_definitions.py            # rewrite the file
@@ -12,7 +12,7 @@ of them:
 
 Users: ``busreg`` (administrator; the compose workers log in with it, because ``guest``
 may only connect from localhost), one least-privilege user per example service (``cart``,
-``inventory``, ``billing``; permissions from ``busreg.topology.service_user_permissions``)
+``inventory``, ``billing``; permissions from ``busreg.transport.topology.service_user_permissions``)
 and ``guest`` (kept: a node that imports definitions at
 boot does not create its default user). Password hashes use RabbitMQ's
 ``rabbit_password_hashing_sha256``: base64(salt[4] + sha256(salt + password)). The salt is
@@ -68,7 +68,11 @@ def build(namespace: str, partitions: int, busreg_password: str) -> dict[str, An
     # Imported here so that --help works even when busreg is half-written.
     from busreg import constants as c
     from busreg.settings import Settings
-    from busreg.topology import DEAD_LETTER_MAX, RPC_MESSAGE_TTL_MS, service_user_permissions
+    from busreg.transport.topology import (
+        DEAD_LETTER_MAX,
+        RPC_MESSAGE_TTL_MS,
+        service_user_permissions,
+    )
 
     # Build from defaults only: BUSREG_* variables of the calling shell must not leak in.
     for key in [k for k in os.environ if k.upper().startswith("BUSREG_")]:

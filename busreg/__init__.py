@@ -3,9 +3,13 @@
 Public surface (guarded by a test): everything a user imports comes from here.
 """
 
-from .balancer import RoundRobin, ZoneAware
-from .client import Registry
-from .errors import (
+from busreg.callers.balancer import RoundRobin, ZoneAware
+from busreg.callers.retry import RetryBudget, RetryPolicy
+from busreg.client.registration import Registration
+from busreg.client.registry import Registry
+from busreg.client.revisions import Change
+from busreg.client.view import ServiceView
+from busreg.errors import (
     AuthenticationFailed,
     BusregError,
     ClosedError,
@@ -19,14 +23,10 @@ from .errors import (
     RequestTimeout,
     TopologyMissing,
 )
-from .ingest import Registration
-from .models import Delta, DeltaKind, Instance, InstanceStatus, Snapshot
-from .partitioning import partition_for
-from .retry import RetryBudget, RetryPolicy
-from .revisions import Change
-from .settings import ClientSettings, Settings, WorkerSettings
-from .view import ServiceView
-from .worker import Worker
+from busreg.server.worker import Worker
+from busreg.settings import ClientSettings, Settings, WorkerSettings
+from busreg.wire.models import Delta, DeltaKind, Instance, InstanceStatus, Snapshot
+from busreg.wire.routing import partition_for
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,6 @@
 """Exceptions raised by busreg.
 
-Broker and Redis errors are mapped to these at one boundary (``busreg.connections``), so
+Broker and Redis errors are mapped to these at one boundary (``busreg.transport.connections``), so
 aio-pika, aiormq, rstream and redis exception types never reach callers::
 
     BusregError

@@ -16,8 +16,8 @@ from urllib.parse import SplitResult, unquote, urlsplit
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from . import constants as c
-from .errors import ConfigurationError
+from busreg import constants as c
+from busreg.errors import ConfigurationError
 
 __all__ = ["AuthSettings", "ClientSettings", "Settings", "StreamEndpoint", "WorkerSettings"]
 
@@ -55,7 +55,7 @@ class WorkerSettings(BaseModel):
 
 
 class AuthSettings(BaseModel):
-    """Who may write events for which service (see busreg.auth).
+    """Who may write events for which service (see busreg.wire.auth).
 
     ``mode="off"`` (the development default; workers log it loudly) accepts everything.
     ``mode="enforce"`` dead-letters, as ``unauthorised``, any event that is neither signed

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 import pytest
 import pytest_asyncio
 
-from .admin import applied_namespace, delete_namespace
-from .client import Registry
-from .settings import ClientSettings, Settings, WorkerSettings
-from .worker import Worker
+from busreg.client.registry import Registry
+from busreg.ops.admin import applied_namespace, delete_namespace
+from busreg.server.worker import Worker
+from busreg.settings import ClientSettings, Settings, WorkerSettings
 
 __all__ = [
     "BusregServers",

@@ -3,9 +3,9 @@
 While it runs, the app
 
 * is registered as an instance of ``inventory`` (after the broker connected), heartbeats,
-  and deregisters when it stops (``busreg.lifespan.register_app``);
+  and deregisters when it stops (``busreg.integrations.faststream_app.register_app``);
 * is a member of consumer group ``inventory-audit`` on the ``inventory`` service's
-  deltas (``busreg.faststream.group_subscriber``): each membership change of the service
+  deltas (``integrations.faststream.group_subscriber``): each membership change of the service
   is audited by exactly one running instance, acknowledged after its audit line is on
   disk. A delta whose instance carries metadata ``audit=reject`` makes the handler raise,
   to show bounded redelivery and dead-lettering (to ``<namespace>.deadletter``).
@@ -33,8 +33,8 @@ from faststream import FastStream
 from faststream.rabbit import RabbitBroker
 
 from busreg import Delta, Settings
-from busreg.faststream import group_subscriber
-from busreg.lifespan import AppInstance, register_app
+from busreg.integrations.faststream import group_subscriber
+from busreg.integrations.faststream_app import AppInstance, register_app
 
 SERVICE = "inventory"
 GROUP = "inventory-audit"

@@ -14,7 +14,7 @@ from inventory_app import GROUP, SERVICE, busreg_instance, create_app
 
 from busreg import DeltaKind, Registry, Settings, Worker
 from busreg import constants as c
-from busreg.connections import connect_amqp
+from busreg.transport.connections import connect_amqp
 
 pytestmark = pytest.mark.servers
 

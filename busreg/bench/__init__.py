@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Any
 
-from ..settings import Settings
+from busreg.settings import Settings
 
 __all__ = ["SCENARIOS", "main"]
 
@@ -90,7 +90,7 @@ def _machine(settings: Settings) -> dict[str, Any]:
 
 
 async def _server_versions(settings: Settings, machine: dict[str, Any]) -> None:
-    from ..connections import connect_amqp, connect_redis
+    from busreg.transport.connections import connect_amqp, connect_redis
 
     redis = await connect_redis(settings)
     try:
@@ -110,13 +110,13 @@ async def _server_versions(settings: Settings, machine: dict[str, Any]) -> None:
 async def run_bench(
     settings: Settings, selected: set[str], args: argparse.Namespace
 ) -> tuple[dict[str, Any], dict[str, list[float]]]:
-    from .baselines import run_baselines
-    from .common import BenchConfig, bench_namespace, progress
-    from .ingestion import run_drain, run_ingestion
-    from .latency import run_latency
-    from .procs import Processes
-    from .takeover import run_takeover
-    from .targets import derive
+    from busreg.bench.baselines import run_baselines
+    from busreg.bench.common import BenchConfig, bench_namespace, progress
+    from busreg.bench.ingestion import run_drain, run_ingestion
+    from busreg.bench.latency import run_latency
+    from busreg.bench.procs import Processes
+    from busreg.bench.takeover import run_takeover
+    from busreg.bench.targets import derive
 
     cfg = BenchConfig.quick_config() if args.quick else BenchConfig.full_config()
     t0 = time.perf_counter()
@@ -193,8 +193,8 @@ def main(argv: list[str], settings: Settings) -> int:
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("busreg bench: interrupted", file=sys.stderr)
         return 130
-    from .report import render
-    from .targets import sanity_problems
+    from busreg.bench.report import render
+    from busreg.bench.targets import sanity_problems
 
     if args.json:
         print(json.dumps(results, indent=1, default=str))
@@ -207,7 +207,7 @@ def main(argv: list[str], settings: Settings) -> int:
         with open(args.samples, "w") as f:
             json.dump(samples, f)
     if args.plot:
-        from .plot import write_plots
+        from busreg.bench.plot import write_plots
 
         for path in write_plots(results, samples, args.plot):
             print(f"busreg bench: wrote {path}", file=sys.stderr)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 import sys
 
-from ..errors import BusregError
-from ..settings import load_settings
-from . import main
+from busreg.bench import main
+from busreg.errors import BusregError
+from busreg.settings import load_settings
 
 if __name__ == "__main__":
     logging.basicConfig(

@@ -22,16 +22,21 @@ from typing import Any
 import aio_pika
 import aiormq
 
-from .. import constants as c
-from ..codec import decode_ingest, encode_instance
-from ..connections import connect_amqp, connect_redis, stream_consumer, stream_producer
-from ..models import Deregister, Heartbeat, Tick
-from ..partitioning import partition_for
-from ..settings import Settings
-from ..store import PartitionStore
-from .common import BenchConfig, percentiles
-from .loadgen import blast, instance_template
-from .procs import Processes, settings_env
+from busreg import constants as c
+from busreg.bench.common import BenchConfig, percentiles
+from busreg.bench.loadgen import blast, instance_template
+from busreg.bench.procs import Processes, settings_env
+from busreg.server.store import PartitionStore
+from busreg.settings import Settings
+from busreg.transport.connections import (
+    connect_amqp,
+    connect_redis,
+    stream_consumer,
+    stream_producer,
+)
+from busreg.wire.codec import decode_ingest, encode_instance
+from busreg.wire.models import Deregister, Heartbeat, Tick
+from busreg.wire.routing import partition_for
 
 __all__ = ["run_baselines"]
 

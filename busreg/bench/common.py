@@ -2,7 +2,7 @@
 
 Nothing here measures busreg; it makes the scenarios short and keeps them honest: every
 scenario runs in its own namespace (``bench-<what>-<random>``), created with
-``busreg.admin.applied_namespace`` and removed whatever happens. Subprocesses
+``busreg.ops.admin.applied_namespace`` and removed whatever happens. Subprocesses
 and /proc readings are in ``procs``.
 """
 
@@ -20,11 +20,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from .. import constants as c
-from ..admin import applied_namespace
-from ..connections import connect_redis
-from ..settings import Settings
-from ..store import PartitionStore
+from busreg import constants as c
+from busreg.ops.admin import applied_namespace
+from busreg.server.store import PartitionStore
+from busreg.settings import Settings
+from busreg.transport.connections import connect_redis
 
 __all__ = [
     "BenchConfig",

@@ -26,12 +26,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from .. import constants as c
-from ..connections import stream_producer
-from ..settings import Settings
-from ..status import stream_heads
-from ..store import PartitionStore
-from .common import (
+from busreg import constants as c
+from busreg.bench.common import (
     BenchConfig,
     bench_namespace,
     glob_escape,
@@ -45,8 +41,12 @@ from .common import (
     seed_live_workers,
     wait_until,
 )
-from .loadgen import HeartbeatLoad, check_template
-from .procs import CpuMeter, Processes, proc_rss_kib, server_pids, stream_dir_bytes
+from busreg.bench.loadgen import HeartbeatLoad, check_template
+from busreg.bench.procs import CpuMeter, Processes, proc_rss_kib, server_pids, stream_dir_bytes
+from busreg.ops.status import stream_heads
+from busreg.server.store import PartitionStore
+from busreg.settings import Settings
+from busreg.transport.connections import stream_producer
 
 __all__ = ["run_drain", "run_ingestion"]
 

@@ -31,16 +31,23 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
-from .. import constants as c
-from ..client import Registry
-from ..connections import connect_amqp, stream_producer
-from ..ingest import Registration
-from ..store import PartitionStore
-from ..topology import declare_service_exchange
-from .common import BenchConfig, bench_namespace, percentiles, ratio, redis_client, wait_until
-from .ingestion import _registered, _wid, wait_owned
-from .loadgen import HeartbeatLoad
-from .procs import Processes
+from busreg import constants as c
+from busreg.bench.common import (
+    BenchConfig,
+    bench_namespace,
+    percentiles,
+    ratio,
+    redis_client,
+    wait_until,
+)
+from busreg.bench.ingestion import _registered, _wid, wait_owned
+from busreg.bench.loadgen import HeartbeatLoad
+from busreg.bench.procs import Processes
+from busreg.client.registration import Registration
+from busreg.client.registry import Registry
+from busreg.server.store import PartitionStore
+from busreg.transport.connections import connect_amqp, stream_producer
+from busreg.transport.topology import declare_service_exchange
 
 __all__ = ["run_latency"]
 

@@ -1,6 +1,6 @@
 """A cheap load generator: many simulated instances from one process.
 
-Every simulated instance is a pre-encoded Heartbeat (the bytes ``busreg.codec.encode_event``
+Every simulated instance is a pre-encoded Heartbeat (the bytes ``busreg.wire.codec.encode_event``
 writes, split around ``seq``), so one heartbeat costs a bytes join plus rstream's own
 per-message work. Messages go to the partition streams with ``Producer.send_batch`` and
 publisher confirms are counted by callback; nothing sleeps per instance.
@@ -23,11 +23,11 @@ from typing import Any
 
 import orjson
 
-from .. import constants as c
-from ..codec import encode_event
-from ..models import Heartbeat
-from ..partitioning import partition_for
-from ..settings import Settings
+from busreg import constants as c
+from busreg.settings import Settings
+from busreg.wire.codec import encode_event
+from busreg.wire.models import Heartbeat
+from busreg.wire.routing import partition_for
 
 __all__ = ["HeartbeatLoad", "blast", "instance_template"]
 

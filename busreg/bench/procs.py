@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..settings import Settings
+from busreg.settings import Settings
 
 __all__ = [
     "CpuMeter",

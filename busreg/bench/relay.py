@@ -18,8 +18,8 @@ from typing import Any
 
 import aiormq
 
-from ..connections import connect_amqp, connect_redis, stream_consumer
-from ..settings import load_settings
+from busreg.settings import load_settings
+from busreg.transport.connections import connect_amqp, connect_redis, stream_consumer
 
 __all__ = ["main"]
 

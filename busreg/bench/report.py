@@ -378,7 +378,7 @@ if __name__ == "__main__":
         sys.exit("usage: python -m busreg.bench.report RESULTS.json  (re-render a saved run)")
     with open(sys.argv[1]) as f:
         saved = json.load(f)
-    from .targets import derive
+    from busreg.bench.targets import derive
 
     derive(saved)
     print(render(saved))

@@ -18,9 +18,7 @@ import signal
 import time
 from typing import Any
 
-from ..connections import stream_producer
-from ..status import stream_heads
-from .common import (
+from busreg.bench.common import (
     BenchConfig,
     bench_namespace,
     lease_owners,
@@ -30,9 +28,11 @@ from .common import (
     redis_client,
     wait_until,
 )
-from .ingestion import _wid, wait_owned
-from .loadgen import HeartbeatLoad
-from .procs import Processes
+from busreg.bench.ingestion import _wid, wait_owned
+from busreg.bench.loadgen import HeartbeatLoad
+from busreg.bench.procs import Processes
+from busreg.ops.status import stream_heads
+from busreg.transport.connections import stream_producer
 
 __all__ = ["run_takeover"]
 

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 from rstream import AMQPMessage
 
-from busreg.codec import encode_event
 from busreg.constants import MAX_EVENT_BYTES
-from busreg.models import Heartbeat
+from busreg.wire.codec import encode_event
+from busreg.wire.models import Heartbeat
 
 
 def valid(service: str, instance: str, seq: int) -> Heartbeat:

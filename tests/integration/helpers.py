@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from busreg import Settings
-from busreg.connections import connect_redis
-from busreg.store import PartitionStore
+from busreg.server.store import PartitionStore
+from busreg.transport.connections import connect_redis
 
 HERE = Path(__file__).parent
 T = TypeVar("T")

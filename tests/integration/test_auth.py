@@ -15,16 +15,16 @@ import pytest_asyncio
 
 from busreg import AuthenticationFailed, PublishFailed, Registry, Settings, partition_for
 from busreg import constants as c
-from busreg.auth import service_key, sign
-from busreg.codec import encode_event
-from busreg.connections import connect_amqp
-from busreg.deadletters import read_dead_letters
-from busreg.ingest import IngestPublisher, StreamWriter
-from busreg.models import Deregister, Heartbeat, Register
+from busreg.client.registration import IngestPublisher, StreamWriter
+from busreg.ops.deadletters import read_dead_letters
+from busreg.server.worker import Worker
 from busreg.settings import AuthSettings, ClientSettings
 from busreg.testing import running_worker
-from busreg.topology import service_user_permissions
-from busreg.worker import Worker
+from busreg.transport.connections import connect_amqp
+from busreg.transport.topology import service_user_permissions
+from busreg.wire.auth import service_key, sign
+from busreg.wire.codec import encode_event
+from busreg.wire.models import Deregister, Heartbeat, Register
 
 from .helpers import partition_states
 
@@ -46,7 +46,7 @@ def broker_users(busreg_settings: Settings) -> Iterator[dict[str, str]]:
     users = {"inventory": f"inventory-{suffix}", "billing": f"billing-{suffix}"}
     for service, user in users.items():
         _ctl("add_user", user, "pw")
-        # exactly what brokers/ ships for each service (busreg.topology)
+        # exactly what brokers/ ships for each service (busreg.transport.topology)
         conf, write, read = service_user_permissions(busreg_settings.namespace, service)
         _ctl("set_permissions", "-p", "/", user, conf, write, read)
     try:

@@ -12,10 +12,10 @@ from rstream import RawMessage
 
 from busreg import Registry, Settings, partition_for
 from busreg import constants as c
-from busreg.codec import encode_event
-from busreg.connections import stream_producer
-from busreg.deadletters import read_dead_letters
-from busreg.worker import Worker
+from busreg.ops.deadletters import read_dead_letters
+from busreg.server.worker import Worker
+from busreg.transport.connections import stream_producer
+from busreg.wire.codec import encode_event
 
 from .fuzz import amqp_wrapped, garbage, valid
 from .helpers import eventually, partition_states

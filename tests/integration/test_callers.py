@@ -24,8 +24,8 @@ import httpx
 import pytest
 
 from busreg import Registry, Settings, Worker
-from busreg.http import BusregTransport, async_client
-from busreg.retry import RetryPolicy
+from busreg.callers.http_client import BusregTransport, async_client
+from busreg.callers.retry import RetryPolicy
 
 from .helpers import settings_env
 

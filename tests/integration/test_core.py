@@ -10,12 +10,12 @@ import pytest
 
 from busreg import ConfigurationError, DeltaKind, Registry, Settings, partition_for
 from busreg import constants as c
-from busreg.codec import encode_event
-from busreg.connections import connect_amqp, stream_producer
-from busreg.groups import declare_group
-from busreg.ingest import IngestPublisher, StreamWriter
-from busreg.models import Deregister, Heartbeat, Register
-from busreg.worker import Worker, cancel_until_done
+from busreg.client.groups import declare_group
+from busreg.client.registration import IngestPublisher, StreamWriter
+from busreg.server.worker import Worker, cancel_until_done
+from busreg.transport.connections import connect_amqp, stream_producer
+from busreg.wire.codec import encode_event
+from busreg.wire.models import Deregister, Heartbeat, Register
 
 from .helpers import partition_states
 

@@ -13,8 +13,8 @@ import pytest
 
 from busreg import Settings
 from busreg import constants as c
-from busreg.connections import connect_amqp, connect_redis
 from busreg.testing import BusregServers
+from busreg.transport.connections import connect_amqp, connect_redis
 
 pytestmark = pytest.mark.servers
 

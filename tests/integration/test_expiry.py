@@ -13,8 +13,8 @@ import time
 import pytest
 
 from busreg import DeltaKind, Registry, Settings
+from busreg.server.worker import Worker
 from busreg.testing import running_worker
-from busreg.worker import Worker
 
 from .helpers import HERE, settings_env
 

@@ -21,9 +21,9 @@ from faststream.rabbit import RabbitBroker
 
 from busreg import ConfigurationError, DeltaKind, Instance, Registry, Settings, Worker
 from busreg import constants as c
-from busreg.connections import connect_amqp
-from busreg.groups import DELIVERY_LIMIT
-from busreg.lifespan import register_app
+from busreg.client.groups import DELIVERY_LIMIT
+from busreg.integrations.faststream_app import register_app
+from busreg.transport.connections import connect_amqp
 
 from .helpers import eventually, settings_env, stop_process
 

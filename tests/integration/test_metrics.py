@@ -17,8 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from busreg import Registry, Settings
 from busreg import constants as c
-from busreg.ingest import StreamWriter
-from busreg.metrics import Buckets, RegistryCollector
+from busreg.client.registration import StreamWriter
+from busreg.server.metrics import Buckets, RegistryCollector
 from busreg.settings import WorkerSettings
 from busreg.testing import running_worker
 

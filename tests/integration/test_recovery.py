@@ -11,12 +11,12 @@ import pytest
 
 from busreg import DeltaKind, Registry, Settings, partition_for
 from busreg import constants as c
-from busreg.connections import connect_amqp, stream_producer
-from busreg.ingest import IngestPublisher, StreamWriter
-from busreg.models import Heartbeat, Register
-from busreg.partition import PartitionRunner
+from busreg.client.registration import IngestPublisher, StreamWriter
+from busreg.server.runner import PartitionRunner
+from busreg.server.worker import Worker, cancel_until_done
 from busreg.testing import running_worker
-from busreg.worker import Worker, cancel_until_done
+from busreg.transport.connections import connect_amqp, stream_producer
+from busreg.wire.models import Heartbeat, Register
 
 from .helpers import eventually, owners, partition_states, spawn_worker, stop_process
 
@@ -29,7 +29,7 @@ async def _publish_burst(settings: Settings, service: str, instances: int, beats
     stream = IngestPublisher(StreamWriter(settings, "unused"), settings).stream_for(service)
     from rstream import RawMessage
 
-    from busreg.codec import encode_event
+    from busreg.wire.codec import encode_event
 
     sent = 0
     try:

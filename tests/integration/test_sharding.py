@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from busreg import DeltaKind, Fenced, Registry, Settings, partition_for
-from busreg.connections import connect_redis
-from busreg.store import Lease, PartitionStore
+from busreg.server.store import Lease, PartitionStore
+from busreg.transport.connections import connect_redis
 
 from .helpers import eventually, owners, partition_states, spawn_worker, stop_process
 

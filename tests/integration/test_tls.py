@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from busreg import ConnectionFailed, Registry, Settings
-from busreg.admin import applied_namespace
-from busreg.connections import connect_redis
+from busreg.ops.admin import applied_namespace
 from busreg.settings import ClientSettings, WorkerSettings
 from busreg.testing import running_worker
+from busreg.transport.connections import connect_redis
 
 from .private_servers import _unavailable, private_rabbitmq, private_redis
 

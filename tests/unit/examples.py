@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from busreg.models import Deregister, Heartbeat, Instance, InstanceStatus, Register, Tick
+from busreg.wire.models import Deregister, Heartbeat, Instance, InstanceStatus, Register, Tick
 
 INCARNATION = 1_732_600_000_123_456_789  # time.time_ns() of some run
 

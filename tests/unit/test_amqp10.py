@@ -1,4 +1,4 @@
-"""busreg.amqp10: the bounds check that keeps hostile AMQP 1.0 bodies away from rstream's
+"""busreg.wire.amqp10: the bounds check that keeps hostile AMQP 1.0 bodies away from rstream's
 decoder (which allocates and loops by declared counts)."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from rstream import AMQPMessage
 from rstream._pyamqp.message import Properties
 
-from busreg.amqp10 import MAX_DEPTH, MalformedAmqp, check_message
-from busreg.codec import decode_ingest
 from busreg.errors import InvalidEvent
+from busreg.wire.amqp10 import MAX_DEPTH, MalformedAmqp, check_message
+from busreg.wire.codec import decode_ingest
 
 
 def _data(body: bytes) -> bytes:

@@ -14,23 +14,23 @@ from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
 from busreg import constants as c
-from busreg.asyncapi import (
+from busreg.client.groups import group_queue_arguments
+from busreg.wire.asyncapi import (
     ASYNCAPI_VERSION,
     build_asyncapi,
     embed_schema,
     main,
     write_asyncapi,
 )
-from busreg.codec import encode_event
-from busreg.groups import group_queue_arguments
-from busreg.models import Delta, DeltaKind, Snapshot, SnapshotRequest
-from busreg.schemas import DeadLetter, build_schemas, render
+from busreg.wire.codec import encode_event
+from busreg.wire.models import Delta, DeltaKind, Snapshot, SnapshotRequest
+from busreg.wire.schemas import DeadLetter, build_schemas, render
 
 from . import examples as ex
 
 BASE = "urn:busreg:asyncapi-under-test"
 COMMITTED = Path(__file__).resolve().parents[2] / "schemas" / "asyncapi.json"
-REGENERATE = "regenerate with: python -m busreg.asyncapi schemas/asyncapi.json"
+REGENERATE = "regenerate with: python -m busreg.wire.asyncapi schemas/asyncapi.json"
 
 
 @pytest.fixture(scope="module")

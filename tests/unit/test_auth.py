@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from busreg.auth import Authorizer, service_key, sign, split_signed
-from busreg.codec import decode_ingest, encode_event
-from busreg.models import Register
+from busreg.wire.auth import Authorizer, service_key, sign, split_signed
+from busreg.wire.codec import decode_ingest, encode_event
+from busreg.wire.models import Register
 
 SECRET = b"workers-only-secret"
 

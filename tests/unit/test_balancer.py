@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from busreg.balancer import (
+from busreg.callers.balancer import (
     EjectionPolicy,
     LeastOutstanding,
     LoadBalancer,
@@ -17,7 +17,7 @@ from busreg.balancer import (
     Weighted,
     ZoneAware,
 )
-from busreg.models import Instance, InstanceStatus
+from busreg.wire.models import Instance, InstanceStatus
 
 
 class FakeView:

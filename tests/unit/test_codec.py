@@ -1,4 +1,4 @@
-"""busreg.codec: decoding ingest messages (raw JSON and AMQP 1.0) and canonical instances."""
+"""busreg.wire.codec: decoding ingest messages (raw JSON and AMQP 1.0) and canonical instances."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import rstream
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from busreg.codec import decode_ingest, encode_event, encode_instance
 from busreg.constants import MAX_EVENT_BYTES
 from busreg.errors import InvalidEvent
-from busreg.models import Instance, InstanceStatus, Register
+from busreg.wire.codec import decode_ingest, encode_event, encode_instance
+from busreg.wire.models import Instance, InstanceStatus, Register
 
 from . import examples as ex
 
@@ -314,8 +314,8 @@ def test_encode_instance_ignores_metadata_order(items: dict[str, str], data: st.
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from busreg.codec import encode_stored  # noqa: E402
-from busreg.models import Heartbeat, InstanceStatus  # noqa: E402
+from busreg.wire.codec import encode_stored  # noqa: E402
+from busreg.wire.models import Heartbeat, InstanceStatus  # noqa: E402
 
 
 @given(

@@ -1,4 +1,4 @@
-"""busreg.connections: the hiredis command packer must send exactly what redis-py would."""
+"""busreg.transport.connections: the hiredis command packer sends what redis-py would."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 
-from busreg.connections import _with_hiredis_packing
+from busreg.transport.connections import _with_hiredis_packing
 
 ARG = st.one_of(
     st.text(max_size=50),

@@ -1,4 +1,4 @@
-"""busreg.models: what an event may contain, and Instance's host/port."""
+"""busreg.wire.models: what an event may contain, and Instance's host/port."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from busreg.constants import MAX_TTL
-from busreg.models import Delta, Instance, InstanceStatus, Register, SnapshotRequest
+from busreg.wire.models import Delta, Instance, InstanceStatus, Register, SnapshotRequest
 
 from . import examples as ex
 

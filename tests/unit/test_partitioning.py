@@ -1,4 +1,4 @@
-"""busreg.partitioning.partition_for: RabbitMQ-compatible hash routing of services."""
+"""busreg.wire.routing.partition_for: RabbitMQ-compatible hash routing of services."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from busreg.constants import PARTITION_HASH_SEED
-from busreg.partitioning import partition_for
+from busreg.wire.routing import partition_for
 
 _MASK = 0xFFFFFFFF
 

@@ -9,11 +9,9 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from busreg.balancer import InstanceSource, NoInstanceAvailable, RoundRobin, ZoneAware
-from busreg.errors import ConfigurationError
-from busreg.http import BusregTransport, DeadlineExceeded, async_client
-from busreg.models import Instance, InstanceStatus
-from busreg.retry import (
+from busreg.callers.balancer import InstanceSource, NoInstanceAvailable, RoundRobin, ZoneAware
+from busreg.callers.http_client import BusregTransport, DeadlineExceeded, async_client
+from busreg.callers.retry import (
     IDEMPOTENCY_HEADER,
     CallState,
     Decision,
@@ -21,6 +19,8 @@ from busreg.retry import (
     RetryBudget,
     RetryPolicy,
 )
+from busreg.errors import ConfigurationError
+from busreg.wire.models import Instance, InstanceStatus
 
 # --- RetryPolicy -------------------------------------------------------------------------------
 

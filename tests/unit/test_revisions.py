@@ -1,4 +1,4 @@
-"""busreg.revisions.ViewState: snapshot + deltas, duplicates, gaps and epochs (invariant 5)."""
+"""busreg.client.revisions.ViewState: snapshot + deltas, duplicates, gaps, epochs (inv. 5)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from busreg.models import Delta, DeltaKind, Instance, InstanceStatus, Snapshot
-from busreg.revisions import Change, Outcome, ViewState
+from busreg.client.revisions import Change, Outcome, ViewState
+from busreg.wire.models import Delta, DeltaKind, Instance, InstanceStatus, Snapshot
 
 from . import examples as ex
 

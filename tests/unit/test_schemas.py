@@ -13,15 +13,15 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from busreg import constants as c
-from busreg.codec import decode_ingest, encode_event, encode_instance
 from busreg.errors import InvalidEvent
-from busreg.models import Delta, Instance, InstanceStatus, Snapshot, SnapshotRequest, Tick
-from busreg.schemas import DeadLetter, build_schemas, main, render, write_schemas
+from busreg.wire.codec import decode_ingest, encode_event, encode_instance
+from busreg.wire.models import Delta, Instance, InstanceStatus, Snapshot, SnapshotRequest, Tick
+from busreg.wire.schemas import DeadLetter, build_schemas, main, render, write_schemas
 
 from . import examples as ex
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
-REGENERATE = "regenerate with: python -m busreg.schemas schemas"
+REGENERATE = "regenerate with: python -m busreg.wire.schemas schemas"
 
 EXPECTED_FILES = {
     "ingest-event.schema.json",
@@ -235,7 +235,7 @@ def test_snapshot_request(schemas: dict[str, dict[str, Any]], document: Any, ok:
 
 
 def test_dead_letter_as_the_partition_writes_it(schemas: dict[str, dict[str, Any]]) -> None:
-    from busreg.partition import PartitionRunner
+    from busreg.server.runner import PartitionRunner
 
     runner = SimpleNamespace(
         stats=SimpleNamespace(dead_lettered=0, dead_by_reason={}),

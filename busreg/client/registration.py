@@ -1,0 +1,410 @@
+"""Writing events into the ingest super stream, and a registered instance's lifecycle.
+
+Events go over the RabbitMQ stream protocol (rstream) to partition ``<ns>.ingest-<k>`` with
+``k = partition_for(service, P)``; ``publish`` returns once the broker confirmed the event
+(invariant 1). A ``Registration`` heartbeats in the background and deregisters when closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+
+from busreg import constants as c
+from busreg.errors import BusregError, ClosedError, PublishFailed
+from busreg.settings import Settings
+from busreg.transport.connections import connect_amqp, stream_producer, translate, translate_stream
+from busreg.wire.auth import service_key, sign
+from busreg.wire.codec import encode_event
+from busreg.wire.models import Deregister, Heartbeat, InstanceStatus, Register
+from busreg.wire.routing import partition_for
+
+__all__ = ["AmqpWriter", "IngestPublisher", "Registration", "StreamWriter"]
+
+#: Budget of one attempt to connect and declare a publisher. Right after a broker restart a
+#: connect can hang (listener up, stream not yet); a short attempt that fails lets the
+#: next send start a fresh one instead of everyone waiting on a stuck socket.
+WARM_UP_TIMEOUT = 2.0
+
+#: Consecutive unconfirmed sends after which a stream connection is replaced.
+SILENT_LIMIT = 2
+
+#: One confirmed-publish attempt of a registration or deregistration; a confirm takes about
+#: a millisecond, so a second without one means the connection is not usable.
+ATTEMPT_TIMEOUT = 1.0
+
+log = logging.getLogger("busreg.client")
+
+
+class StreamWriter:
+    """Confirmed sends to streams over one stream-protocol connection, re-created on demand.
+
+    rstream's own recovery waits 1 s plus a random 1-8 s before reconnecting; a registry
+    cannot wait that long (instances would miss their TTL). Instead a connection that failed
+    a send is dropped and a new one is prepared by a warm-up task owned by this writer:
+    connect and declare the stream's publisher once, however many senders are waiting, and
+    without being cancelled by any one sender's (short) timeout.
+    """
+
+    def __init__(self, settings: Settings, name: str) -> None:
+        self._settings = settings
+        self._name = name
+        self._producer: Any = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+        self._ready: set[str] = set()  # streams with a publisher on the current producer
+        self._warmups: dict[str, asyncio.Future[Any]] = {}
+        # rstream creates publishers under its own lock inside a send; declared ahead of
+        # time they need ours (concurrent declarations, even for different streams, race)
+        self._declare_lock = asyncio.Lock()
+        self._silent = 0  # consecutive sends without a confirm
+
+    async def _get(self) -> Any:
+        async with self._lock:
+            if self._closed:
+                raise ClosedError("stream writer is closed")
+            if self._producer is None:
+                self._producer = await stream_producer(
+                    self._settings, self._name, timeout=WARM_UP_TIMEOUT
+                )
+                self._ready = set()
+            return self._producer
+
+    async def _discard(self, producer: Any) -> None:
+        async with self._lock:
+            if self._producer is not producer:
+                return  # another send already replaced it
+            self._producer = None
+            self._ready = set()
+        log.debug("stream writer %s: dropped its connection", self._name)
+        await _close_quietly(producer)
+
+    async def _warm(self, stream: str) -> Any:
+        async with asyncio.timeout(WARM_UP_TIMEOUT):
+            producer = await self._get()
+            try:
+                with translate_stream(f"prepare publisher for {stream}"):
+                    # rstream declares a stream's publisher lazily inside the first send;
+                    # doing it here once keeps concurrent first sends from racing in it
+                    async with self._declare_lock:
+                        await producer._get_or_create_publisher(stream)
+            except BaseException:
+                await self._discard(producer)
+                raise
+        if producer is self._producer:
+            self._ready.add(stream)
+        log.debug("stream writer %s: publisher ready for %s", self._name, stream)
+        return producer
+
+    async def _ready_producer(self, stream: str) -> Any:
+        producer = self._producer
+        if producer is not None and stream in self._ready:
+            return producer
+        warmup = self._warmups.get(stream)
+        if warmup is None or warmup.done():
+            warmup = asyncio.ensure_future(self._warm(stream))
+            # the writer owns this task: its outcome is read by every waiter, and any
+            # failure nobody waited for is logged rather than lost
+            warmup.add_done_callback(_report_warmup)
+            self._warmups[stream] = warmup
+        return await asyncio.shield(warmup)
+
+    async def send(self, stream: str, body: bytes, timeout: float) -> None:
+        """Send once; raise PublishFailed unless the broker confirmed within ``timeout``."""
+        from rstream import RawMessage
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                producer = await self._ready_producer(stream)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    with translate_stream(f"publish to {stream}"):
+                        await producer.send_wait(
+                            stream, RawMessage(body), timeout=max(1, math.ceil(timeout))
+                        )
+                self._silent = 0
+            except TimeoutError:
+                # a publisher that accepts sends but never confirms (seen after a broker
+                # restart, while its stream recovers) must be replaced, not waited on
+                self._silent += 1
+                if self._silent >= SILENT_LIMIT:
+                    self._silent = 0
+                    await self._discard(producer)
+                raise
+            except BusregError:
+                await self._discard(producer)
+                raise
+        except TimeoutError as exc:
+            raise PublishFailed(f"no confirm from {stream} within {timeout}s") from exc
+        except BusregError as exc:
+            if isinstance(exc, PublishFailed | ClosedError):
+                raise
+            raise PublishFailed(str(exc)) from exc
+
+    async def close(self) -> None:
+        async with self._lock:
+            self._closed = True
+            producer, self._producer = self._producer, None
+        for warmup in self._warmups.values():
+            warmup.cancel()
+        if producer is not None:
+            await _close_quietly(producer)
+
+
+def _report_warmup(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("stream publisher warm-up failed: %r", task.exception())
+
+
+async def _close_quietly(producer: Any) -> None:
+    try:
+        async with asyncio.timeout(2):
+            await producer.close()
+    except Exception as exc:  # a dead connection may not close cleanly; nothing to keep
+        log.debug("stream producer close: %r", exc)
+
+
+class AmqpWriter:
+    """Confirmed sends into the ingest partitions over AMQP 0-9-1 instead.
+
+    For registrants whose broker user may not write streams directly (least-privilege
+    per-service users, see ``busreg.transport.topology.service_user_permissions``): events go to the
+    super stream exchange with routing key ``"<k>"`` and the connection's user as
+    ``user_id``, which RabbitMQ validates, so workers know who sent them. About 40 times
+    slower than the stream protocol on our machines; plenty for heartbeats of one app.
+    """
+
+    def __init__(self, settings: Settings, name: str) -> None:
+        self._settings = settings
+        self._name = name
+        self._user = unquote(urlsplit(settings.amqp_url).username or "guest")
+        self._exchange = c.ingest_super_stream(settings.namespace)
+        self._conn: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._lock = asyncio.Lock()
+
+    async def _ready(self) -> AbstractChannel:
+        async with self._lock:
+            if self._channel is None or self._channel.is_closed:
+                if self._conn is None:
+                    self._conn = await connect_amqp(self._settings, self._name)
+                with translate("open ingest channel"):
+                    self._channel = await self._conn.channel(publisher_confirms=True)
+            return self._channel
+
+    async def send(self, stream: str, body: bytes, timeout: float) -> None:
+        partition = stream.rsplit("-", 1)[1]
+        try:
+            async with asyncio.timeout(timeout):
+                channel = await self._ready()
+                with translate(f"publish to {self._exchange}"):
+                    exchange = await channel.get_exchange(self._exchange, ensure=False)
+                    await exchange.publish(
+                        aio_pika.Message(
+                            body,
+                            user_id=self._user,
+                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                            content_type="application/json",
+                        ),
+                        routing_key=partition,
+                    )
+        except TimeoutError as exc:
+            raise PublishFailed(f"no confirm from {self._exchange} within {timeout}s") from exc
+        except BusregError as exc:
+            if isinstance(exc, PublishFailed):
+                raise
+            raise PublishFailed(str(exc)) from exc
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):  # closing a dead connection: nothing to keep
+                await self._conn.close()
+
+
+class IngestPublisher:
+    """Confirmed publishing of ingest events to their partition streams."""
+
+    def __init__(self, writer: StreamWriter | AmqpWriter, settings: Settings) -> None:
+        self._writer = writer
+        self._settings = settings
+        self._keys = settings.client.keys()
+        secret = settings.auth.secret_bytes()
+        self._secret = secret  # development convenience: a client that has the secret
+
+    def _key(self, service: str) -> bytes | None:
+        key = self._keys.get(service) or self._keys.get("*")
+        if key is None and self._secret is not None:
+            key = self._keys[service] = service_key(self._secret, service)
+        return key
+
+    def stream_for(self, service: str) -> str:
+        k = partition_for(service, self._settings.partitions)
+        return c.ingest_partition(self._settings.namespace, k)
+
+    async def publish(self, event: Register | Heartbeat | Deregister, timeout: float) -> None:
+        """Publish once; raise PublishFailed unless the broker confirmed within ``timeout``."""
+        body = encode_event(event)
+        key = self._key(event.service)
+        if key is not None:
+            body = sign(key, body)
+        await self._writer.send(self.stream_for(event.service), body, timeout)
+
+    async def publish_until_confirmed(
+        self, event: Register | Heartbeat | Deregister, deadline: float
+    ) -> None:
+        """Retry ``publish`` (same event: a duplicate is harmless) until confirmed or the
+        deadline passes; the last failure is raised."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline
+        delay = 0.05
+        while True:
+            remaining = end - loop.time()
+            try:
+                # short attempts: a connection that came back half-ready (stream not yet
+                # available) is dropped and replaced instead of waited on until the deadline
+                await self.publish(event, timeout=max(0.2, min(ATTEMPT_TIMEOUT, remaining)))
+                return
+            except PublishFailed:
+                if loop.time() + delay >= end:
+                    raise
+                await asyncio.sleep(delay)  # back-off between publish attempts
+                delay = min(delay * 2, 1.0)
+
+
+class Registration:
+    """A registered instance. Heartbeats until ``deregister()`` (or its Registry closes).
+
+    Attributes mirror the event fields; ``incarnation`` is fixed for this run (it orders
+    this run after any earlier run of the same instance id), ``seq`` grows per event.
+    """
+
+    def __init__(
+        self,
+        publisher: IngestPublisher,
+        *,
+        service: str,
+        instance_id: str,
+        address: str,
+        zone: str,
+        status: InstanceStatus,
+        metadata: dict[str, str],
+        ttl: float,
+        interval: float,
+        confirm_timeout: float,
+    ) -> None:
+        self._publisher = publisher
+        self.service = service
+        self.instance_id = instance_id
+        self.address = address
+        self.zone = zone
+        self.status = status
+        self.metadata = dict(metadata)
+        self.ttl = ttl
+        self.interval = interval
+        self.incarnation = time.time_ns()
+        self.seq = 0
+        self.heartbeats_sent = 0
+        self.heartbeats_failed = 0
+        self._confirm_timeout = confirm_timeout
+        self._done = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        # events of one registration are sent one at a time so seq order is publish order
+        self._lock = asyncio.Lock()
+
+    def _event(self, kind: type[Register] | type[Heartbeat]) -> Register | Heartbeat:
+        self.seq += 1
+        return kind(
+            service=self.service,
+            instance_id=self.instance_id,
+            incarnation=self.incarnation,
+            seq=self.seq,
+            address=self.address,
+            zone=self.zone,
+            status=self.status,
+            metadata=self.metadata,
+            ttl=self.ttl,
+        )
+
+    async def _register(self) -> None:
+        async with self._lock:
+            event = self._event(Register)
+            await self._publisher.publish_until_confirmed(event, self._confirm_timeout)
+
+    async def update(
+        self, *, status: InstanceStatus | None = None, metadata: dict[str, str] | None = None
+    ) -> None:
+        """Change status and/or metadata; returns once the broker confirmed the change."""
+        if status is not None:
+            self.status = InstanceStatus(status)
+        if metadata is not None:
+            self.metadata = dict(metadata)
+        await self._register()
+
+    async def heartbeat_loop(self) -> None:
+        """Heartbeat every ``interval`` until deregistered. Failures are logged and the next
+        beat is tried on time: every heartbeat carries the whole registration, so one that
+        gets through after an outage re-registers the instance if the worker forgot it."""
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + self.interval
+        while not self._done.is_set():
+            try:
+                async with asyncio.timeout(max(0.0, next_at - loop.time())):
+                    await self._done.wait()
+                return
+            except TimeoutError:
+                pass
+            next_at += self.interval
+            if next_at < loop.time():  # we were stalled: do not burst to catch up
+                next_at = loop.time() + self.interval
+            try:
+                async with self._lock:
+                    if self._done.is_set():
+                        return
+                    await self._publisher.publish(
+                        self._event(Heartbeat), timeout=min(self.interval, self.ttl / 2)
+                    )
+                self.heartbeats_sent += 1
+            except PublishFailed as exc:
+                self.heartbeats_failed += 1
+                log.warning(
+                    "heartbeat failed service=%s instance=%s: %s",
+                    self.service,
+                    self.instance_id,
+                    exc,
+                )
+
+    async def deregister(self) -> None:
+        """Stop heartbeating and remove the instance now (confirmed by the broker)."""
+        if self._done.is_set():
+            return
+        self._done.set()
+        async with self._lock:
+            self.seq += 1
+            event = Deregister(
+                service=self.service,
+                instance_id=self.instance_id,
+                incarnation=self.incarnation,
+                seq=self.seq,
+            )
+            await self._publisher.publish_until_confirmed(event, self._confirm_timeout)
+        if self._task is not None and self._task is not asyncio.current_task():
+            await self._task
+
+    @property
+    def active(self) -> bool:
+        """True while the instance heartbeats (until deregistered or abandoned)."""
+        return not self._done.is_set()
+
+    def abandon(self) -> None:
+        """Stop heartbeating without deregistering (the instance will expire after TTL)."""
+        self._done.set()

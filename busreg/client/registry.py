@@ -1,0 +1,265 @@
+"""The registry client: register instances, read snapshots, watch services.
+
+    async with Registry(Settings()) as registry:
+        reg = await registry.register("inventory", address="10.0.0.7:8080", zone="eu-1a")
+        view = await registry.watch("inventory")
+        print(view.instances)
+
+``register`` returns once the broker confirmed the registration; the instance then
+heartbeats in the background and is deregistered when the registry closes. Views stay
+current by themselves (snapshot + deltas, re-read on any gap).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from typing import Any, Self
+
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from pydantic import TypeAdapter, ValidationError
+
+from busreg.client.groups import GroupMessage, consume_group
+from busreg.client.registration import AmqpWriter, IngestPublisher, Registration, StreamWriter
+from busreg.client.rpc import RpcClient
+from busreg.client.view import ServiceView
+from busreg.errors import ClosedError, ConfigurationError
+from busreg.settings import Settings
+from busreg.transport.connections import connect_amqp, translate
+from busreg.transport.topology import verify_partitions
+from busreg.wire.models import InstanceStatus, Register, ServiceName, Snapshot
+
+__all__ = ["Registry"]
+
+log = logging.getLogger("busreg.client")
+
+
+class Registry:
+    """Client of a busreg namespace; an async context manager that cannot be reopened."""
+
+    def __init__(self, settings: Settings | None = None, *, name: str = "busreg-client") -> None:
+        self.settings = settings or Settings()
+        self._name = name
+        self._state = "new"
+        self._stack = contextlib.AsyncExitStack()
+        self._amqp: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._rpc: RpcClient | None = None
+        self._writer: StreamWriter | AmqpWriter | None = None
+        self._publisher: IngestPublisher | None = None
+        self._producer_lock = asyncio.Lock()
+        self._registrations: list[Registration] = []
+        self._views: dict[str, ServiceView] = {}
+        self._tg: asyncio.TaskGroup | None = None
+
+    async def __aenter__(self) -> Self:
+        if self._state != "new":
+            raise ClosedError("a Registry can be opened once; create a new one")
+        self._state = "open"
+        try:
+            self._amqp = await connect_amqp(self.settings, self._name)
+            self._stack.push_async_callback(self._amqp.close)
+            await verify_partitions(self._amqp, self.settings)
+            with translate("open channel"):
+                self._channel = await self._amqp.channel()
+            self._rpc = RpcClient(self._channel, self.settings.namespace)
+            await self._rpc.start()
+            # background work (heartbeats, views) lives in a TaskGroup owned by this object:
+            # it ends with the registry, and an unexpected error in it is not silently lost
+            self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
+            self._stack.push_async_callback(self._shutdown)
+        except BaseException:
+            self._state = "closed"
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._state = "closed"
+        await self._stack.aclose()
+
+    async def _shutdown(self) -> None:
+        # runs before the TaskGroup exits: deregister (confirmed) and stop views
+        results = await asyncio.gather(
+            *(r.deregister() for r in self._registrations), return_exceptions=True
+        )
+        for reg, res in zip(self._registrations, results, strict=True):
+            if isinstance(res, BaseException):
+                log.warning("deregister of %s/%s failed: %s", reg.service, reg.instance_id, res)
+        for view in self._views.values():
+            await view.close()
+        if self._writer is not None:
+            await self._writer.close()
+
+    @property
+    def registrations(self) -> tuple[Registration, ...]:
+        """Instances registered through this registry (read-only view)."""
+        return tuple(self._registrations)
+
+    @property
+    def views(self) -> dict[str, ServiceView]:
+        """Live views by service (read-only copy)."""
+        return dict(self._views)
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise ClosedError("use `async with Registry(...)` (and not after it closed)")
+
+    async def _ingest(self) -> IngestPublisher:
+        async with self._producer_lock:
+            if self._publisher is None:
+                if self.settings.client.ingest_protocol == "amqp":
+                    self._writer = AmqpWriter(self.settings, self._name)
+                else:
+                    self._writer = StreamWriter(self.settings, self._name)
+                self._publisher = IngestPublisher(self._writer, self.settings)
+            return self._publisher
+
+    # --- registrants --------------------------------------------------------------------------
+
+    async def register(
+        self,
+        service: str,
+        *,
+        address: str,
+        instance_id: str | None = None,
+        zone: str = "default",
+        status: InstanceStatus | str = InstanceStatus.UP,
+        metadata: dict[str, str] | None = None,
+        ttl: float | None = None,
+        interval: float | None = None,
+    ) -> Registration:
+        """Register an instance; returns once the broker confirmed it, then heartbeats."""
+        self._check_open()
+        cfg = self.settings.client
+        ttl = cfg.ttl if ttl is None else ttl
+        interval = cfg.heartbeat_interval if interval is None else interval
+        if interval >= ttl:
+            raise ConfigurationError(f"heartbeat interval {interval}s must be below ttl {ttl}s")
+        instance_id = instance_id or f"{socket.gethostname()}-{os.getpid()}-{address}"
+        try:  # validate at the boundary: a clear error now, not a dead letter later
+            Register(
+                service=service,
+                instance_id=instance_id,
+                incarnation=0,
+                seq=0,
+                address=address,
+                zone=zone,
+                status=InstanceStatus(status),
+                metadata=metadata or {},
+                ttl=ttl,
+            )
+        except (ValidationError, ValueError) as exc:
+            raise ConfigurationError(f"invalid registration: {_first_error(exc)}") from exc
+        publisher = await self._ingest()
+        reg = Registration(
+            publisher,
+            service=service,
+            instance_id=instance_id,
+            address=address,
+            zone=zone,
+            status=InstanceStatus(status),
+            metadata=metadata or {},
+            ttl=ttl,
+            interval=interval,
+            confirm_timeout=cfg.confirm_timeout,
+        )
+        await reg._register()
+        assert self._tg is not None
+        reg._task = self._tg.create_task(reg.heartbeat_loop(), name=f"heartbeat-{instance_id}")
+        self._registrations.append(reg)
+        log.info("registered service=%s instance=%s address=%s", service, instance_id, address)
+        return reg
+
+    # --- readers ------------------------------------------------------------------------------
+
+    async def snapshot(self, service: str) -> Snapshot:
+        """The service's instances and revision, read from the workers over AMQP."""
+        self._check_open()
+        _check_service(service)
+        assert self._rpc is not None
+        return await self._rpc.snapshot(service, self.settings.client.request_timeout)
+
+    async def services(self) -> list[dict[str, Any]]:
+        """Every known service: ``{"service", "revision", "instances", "epoch"}`` rows."""
+        self._check_open()
+        assert self._rpc is not None
+        return await self._rpc.services(self.settings.client.request_timeout)
+
+    async def watch(self, service: str, *, resync_interval: float | None = 30.0) -> ServiceView:
+        """A live view of ``service`` (shared per registry; loaded before it returns)."""
+        self._check_open()
+        _check_service(service)
+        view = self._views.get(service)
+        if view is not None:
+            return view
+        assert self._amqp is not None
+        assert self._rpc is not None
+        assert self._tg is not None
+        view = ServiceView(
+            service,
+            self._amqp,
+            self._rpc,
+            self.settings.namespace,
+            request_timeout=self.settings.client.request_timeout,
+            queue_max=self.settings.client.watch_queue_max,
+            resync_interval=resync_interval,
+        )
+        await view.start()
+        self._views[service] = view
+        self._tg.create_task(view.run(), name=f"watch-{service}")
+        return view
+
+    def consume_group(
+        self, service: str, group: str, *, prefetch: int = 16
+    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[GroupMessage]]:
+        """Consume ``service``'s deltas as a member of consumer group ``group``: each delta
+        goes to one member of the group, which must ``ack()`` it (see busreg.client.groups)."""
+        self._check_open()
+        _check_service(service)
+        _check_service(group)
+        return self._group(service, group, prefetch)
+
+    @contextlib.asynccontextmanager
+    async def _group(
+        self, service: str, group: str, prefetch: int
+    ) -> AsyncIterator[AsyncIterator[GroupMessage]]:
+        assert self._amqp is not None
+        with translate("open group channel"):
+            channel = await self._amqp.channel()
+        try:
+            async with consume_group(
+                channel, self.settings.namespace, service, group, prefetch=prefetch
+            ) as messages:
+                yield messages
+        finally:
+            if not channel.is_closed:
+                with contextlib.suppress(Exception):  # closing a dead channel: nothing to keep
+                    await channel.close()
+
+    async def warm_up(self, *services: str) -> None:
+        """Load the views of ``services`` now (eager loading: the first call does not wait)."""
+        await asyncio.gather(*(self.watch(s) for s in services))
+
+
+_service_name: TypeAdapter[str] = TypeAdapter(ServiceName)
+
+
+def _check_service(name: str) -> None:
+    """Service (and group) names are validated before they become broker names."""
+    try:
+        _service_name.validate_python(name)
+    except ValidationError as exc:
+        raise ConfigurationError(f"invalid service name {name!r}: {_first_error(exc)}") from exc
+
+
+def _first_error(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return f"{where}: {err['msg']}" if where else str(err["msg"])
+    return str(exc)

@@ -1,0 +1,107 @@
+"""Request/reply to the workers over AMQP: snapshots and the service list.
+
+Clients need AMQP only, never Redis credentials. Requests go to the shared ``<ns>.rpc``
+queue (any worker answers: all state is in Redis); replies come back on this client's
+exclusive reply queue, matched by correlation id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+from busreg import constants as c
+from busreg.errors import BusregError, RequestTimeout
+from busreg.transport.connections import translate
+from busreg.wire.models import Snapshot, SnapshotRequest
+
+__all__ = ["RpcClient"]
+
+#: One attempt's wait before the request is sent again (to whichever worker is free). A
+#: snapshot takes about a millisecond; a second means the worker holding it is stuck.
+ATTEMPT_TIMEOUT = 1.0
+
+
+class RpcClient:
+    def __init__(self, channel: AbstractChannel, namespace: str) -> None:
+        self._channel = channel
+        self._namespace = namespace
+        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._queue: AbstractQueue | None = None
+
+    async def start(self) -> None:
+        with translate("rpc reply queue"):
+            self._queue = await self._channel.declare_queue("", exclusive=True, auto_delete=True)
+            await self._queue.consume(self._on_reply, no_ack=True)
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        future = self._pending.get(message.correlation_id or "")
+        if future is None or future.done():
+            return  # a reply that arrived after its caller gave up
+        try:
+            future.set_result(orjson.loads(message.body))
+        except orjson.JSONDecodeError as exc:
+            future.set_exception(BusregError(f"worker sent an invalid reply: {exc}"))
+
+    async def call(self, request: SnapshotRequest, timeout: float) -> dict[str, Any]:
+        """Send ``request``; resend it every ``ATTEMPT_TIMEOUT`` until a worker answers.
+
+        Requests are reads, so resending is safe; it routes around a worker that is paused
+        or dying with our request in its prefetch window (that worker's late reply, if any,
+        is simply accepted or dropped)."""
+        assert self._queue is not None, "RpcClient.start() first"
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        body = request.model_dump_json().encode()
+        deadline = loop.time() + timeout
+        cids: list[str] = []
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise RequestTimeout(
+                        f"no worker answered within {timeout}s "
+                        f"(is `busreg worker` running for namespace {self._namespace!r}?)"
+                    )
+                cid = uuid.uuid4().hex
+                cids.append(cid)
+                self._pending[cid] = future
+                attempt = min(ATTEMPT_TIMEOUT, remaining)
+                with translate("snapshot request"):
+                    await self._channel.default_exchange.publish(
+                        aio_pika.Message(
+                            body,
+                            correlation_id=cid,
+                            reply_to=self._queue.name,
+                            expiration=attempt,
+                            content_type="application/json",
+                        ),
+                        routing_key=c.rpc_queue(self._namespace),
+                    )
+                try:
+                    async with asyncio.timeout(attempt):
+                        reply = await asyncio.shield(future)
+                    break
+                except TimeoutError:
+                    continue
+        finally:
+            for cid in cids:
+                self._pending.pop(cid, None)
+        if "error" in reply:
+            detail = reply.get("detail")
+            raise BusregError(f"worker refused the request: {reply['error']}: {detail}")
+        return reply
+
+    async def snapshot(self, service: str, timeout: float) -> Snapshot:
+        reply = await self.call(SnapshotRequest(op="snapshot", service=service), timeout)
+        return Snapshot.model_validate(reply)
+
+    async def services(self, timeout: float) -> list[dict[str, Any]]:
+        reply = await self.call(SnapshotRequest(op="services"), timeout)
+        rows: list[dict[str, Any]] = reply["services"]
+        return rows

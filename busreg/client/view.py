@@ -1,0 +1,290 @@
+"""A live local view of one service: snapshot + deltas (list-then-watch).
+
+The view binds its own queue to the service's delta exchange *before* reading the snapshot,
+so no change can fall between the two; deltas at or below the snapshot's revision are
+dropped, and a skipped revision or a new epoch makes the view re-read the snapshot. The
+queue is bounded (oldest dropped on overflow): a slow view loses deltas, sees the gap and
+recovers by snapshot instead of growing without limit.
+
+    view = await registry.watch("inventory")
+    view.instances            # {instance_id: Instance}, always consistent with .revision
+    async for change in view.changes():
+        ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from pydantic import ValidationError
+
+from busreg.client.revisions import Change, Outcome, ViewState
+from busreg.client.rpc import RpcClient
+from busreg.errors import BusregError, ClosedError, TopologyMissing
+from busreg.transport.connections import translate
+from busreg.transport.topology import declare_service_exchange
+from busreg.wire.models import Delta, Instance
+
+__all__ = ["ChangeStream", "ServiceView"]
+
+log = logging.getLogger("busreg.client")
+
+#: Changes kept for a slow ``changes()`` iterator before the oldest are dropped (the view
+#: itself stays exact; only the iterator's history is bounded).
+CHANGE_BUFFER = 10_000
+#: Pause before re-trying a snapshot read that failed (workers unreachable).
+RESYNC_RETRY = 0.5
+#: Bound on closing a view's channel and queue (best effort).
+CLOSE_TIMEOUT = 3.0
+
+
+class _Resync:
+    """Inbox marker: re-read the snapshot (after a reconnect)."""
+
+
+RESYNC = _Resync()
+
+
+class ChangeStream:
+    """Async iterator of one listener's changes; ``aclose()`` (or the view closing) ends it."""
+
+    def __init__(self, listeners: list[asyncio.Queue[Change | None]]) -> None:
+        self._queue: asyncio.Queue[Change | None] = asyncio.Queue(CHANGE_BUFFER)
+        self._listeners = listeners
+        listeners.append(self._queue)
+
+    def __aiter__(self) -> ChangeStream:
+        return self
+
+    async def __anext__(self) -> Change:
+        change = await self._queue.get()
+        if change is None:
+            await self.aclose()
+            raise StopAsyncIteration
+        return change
+
+    async def aclose(self) -> None:
+        if self._queue in self._listeners:
+            self._listeners.remove(self._queue)
+
+
+class ServiceView:
+    """Live, self-healing view of one service. Create with ``Registry.watch``."""
+
+    def __init__(
+        self,
+        service: str,
+        connection: AbstractRobustConnection,
+        rpc: RpcClient,
+        namespace: str,
+        *,
+        request_timeout: float,
+        queue_max: int,
+        resync_interval: float | None,
+    ) -> None:
+        self.service = service
+        self.state = ViewState(service)
+        self._connection = connection
+        self._channel: AbstractChannel | None = None
+        self._rpc = rpc
+        self._namespace = namespace
+        self._timeout = request_timeout
+        self._queue_max = queue_max
+        self._resync_interval = resync_interval
+        self._inbox: asyncio.Queue[Delta | _Resync | None] = asyncio.Queue()
+        self._listeners: list[asyncio.Queue[Change | None]] = []
+        self._updated = asyncio.Condition()
+        self._closed = False
+        self._queue: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self.resyncs = 0
+        self.deltas_applied = 0
+
+    # --- public -------------------------------------------------------------------------------
+
+    @property
+    def instances(self) -> dict[str, Instance]:
+        return dict(self.state.instances)
+
+    @property
+    def revision(self) -> int:
+        return self.state.revision
+
+    @property
+    def epoch(self) -> str | None:
+        return self.state.epoch
+
+    def changes(self) -> ChangeStream:
+        """Every change from this call on (resyncs appear as changes with reason 'resync').
+
+        Changes are buffered from the moment of the call, not of the first ``anext``."""
+        if self._closed:
+            raise ClosedError("view is closed")
+        stream = ChangeStream(self._listeners)
+        return stream
+
+    async def wait_for(
+        self, predicate: Callable[[dict[str, Instance]], bool], timeout: float
+    ) -> dict[str, Instance]:
+        """Wait until ``predicate(instances)`` holds; raise TimeoutError after ``timeout``."""
+        async with asyncio.timeout(timeout), self._updated:
+            await self._updated.wait_for(lambda: predicate(self.state.instances))
+            return dict(self.state.instances)
+
+    async def resync(self) -> None:
+        """Re-read the snapshot now (also done by itself on any gap)."""
+        snapshot = await self._rpc.snapshot(self.service, self._timeout)
+        self.resyncs += 1
+        await self._emit(self.state.load(snapshot))
+
+    # --- lifecycle (driven by Registry) ---------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._bind()
+        await self.resync()
+        # deltas published while we were disconnected are gone: re-read after a reconnect
+        self._connection.reconnect_callbacks.add(self._on_reconnect)
+
+    def _on_reconnect(self, *_: object) -> None:
+        if not self._closed:
+            self._inbox.put_nowait(RESYNC)
+
+    async def _bind(self) -> None:
+        with translate(f"watch {self.service}"):
+            if self._channel is None or self._channel.is_closed:
+                self._channel = await self._connection.channel()
+            exchange = await declare_service_exchange(self._channel, self._namespace, self.service)
+            self._queue = await self._channel.declare_queue(
+                "",
+                exclusive=True,
+                auto_delete=True,
+                arguments={"x-max-length": self._queue_max, "x-overflow": "drop-head"},
+            )
+            await self._queue.bind(exchange, routing_key="#")
+            self._consumer_tag = await self._queue.consume(self._on_delta, no_ack=True)
+
+    async def _on_delta(self, message: AbstractIncomingMessage) -> None:
+        try:
+            delta = Delta.model_validate_json(message.body)
+        except ValidationError as exc:
+            log.warning("ignoring malformed delta on %s: %s", self.service, exc.errors()[0]["msg"])
+            return
+        self._inbox.put_nowait(delta)
+
+    async def run(self) -> None:
+        """Apply deltas in order; re-read the snapshot on gaps and periodically."""
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + (self._resync_interval or float("inf"))
+        while not self._closed:
+            try:
+                async with asyncio.timeout(max(0.0, next_check - loop.time())):
+                    delta = await self._inbox.get()
+            except TimeoutError:
+                next_check = loop.time() + (self._resync_interval or float("inf"))
+                await self._safe(self._periodic_check)
+                continue
+            if delta is None:
+                return
+            if isinstance(delta, _Resync):
+                if not await self._safe(self.resync):
+                    self._retry_resync_later()
+                continue
+            outcome, change = self.state.apply(delta)
+            if outcome is Outcome.APPLIED and change is not None:
+                self.deltas_applied += 1
+                await self._emit([change])
+            elif outcome is Outcome.GAP:
+                log.info(
+                    "revision gap service=%s have=%s/%d got=%s/%d; re-reading snapshot",
+                    self.service,
+                    self.state.epoch,
+                    self.state.revision,
+                    delta.epoch,
+                    delta.revision,
+                )
+                if not await self._safe(self.resync):
+                    self._retry_resync_later()
+                    continue
+                outcome, change = self.state.apply(delta)
+                if outcome is Outcome.APPLIED and change is not None:
+                    await self._emit([change])
+
+    async def _periodic_check(self) -> None:
+        # our queue may have been deleted (operator, broker restart without recovery): a
+        # passive declare on a throwaway channel tells; then re-read the snapshot either way
+        if self._queue is not None and not await self._queue_exists(self._queue.name):
+            log.info("watch queue of %s vanished; re-binding", self.service)
+            if self._channel is not None and not self._channel.is_closed:
+                with contextlib.suppress(Exception):  # a half-dead channel: replace it
+                    await self._channel.close()
+            self._channel = None
+            await self._bind()
+        await self.resync()
+
+    async def _queue_exists(self, name: str) -> bool:
+        # a passive declare of a missing queue closes its channel: use a throwaway one
+        with translate("watch queue check"):
+            channel = await self._connection.channel()
+        try:
+            with translate("watch queue check"):
+                await channel.declare_queue(name, passive=True)
+        except TopologyMissing:
+            return False
+        finally:
+            if not channel.is_closed:
+                with contextlib.suppress(Exception):  # throwaway channel
+                    await channel.close()
+        return True
+
+    async def _safe(self, action: Callable[[], Awaitable[None]]) -> bool:
+        try:
+            await action()
+        except BusregError as exc:
+            log.warning("watch %s: %s (will retry)", self.service, exc)
+            return False
+        return True
+
+    def _retry_resync_later(self) -> None:
+        # the broker or the workers are not back yet: try again shortly, off the loop
+        asyncio.get_running_loop().call_later(RESYNC_RETRY, self._on_reconnect)
+
+    async def _emit(self, changes: list[Change]) -> None:
+        for queue in self._listeners:
+            for change in changes:
+                if queue.full():
+                    queue.get_nowait()  # bounded: drop the oldest for a slow reader
+                queue.put_nowait(change)
+        async with self._updated:
+            self._updated.notify_all()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._connection.reconnect_callbacks.discard(self._on_reconnect)
+        self._inbox.put_nowait(None)
+        for queue in self._listeners:
+            queue.put_nowait(None)
+        if self._channel is not None and not self._channel.is_closed:
+            try:
+                # best effort, and bounded: a broker that does not answer must not hold up
+                # the registry's shutdown
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    # cancel our consumer first: deleting a queue under it makes the broker
+                    # cancel it, which aiormq reports as a warning
+                    if self._queue is not None:
+                        if self._consumer_tag is not None:
+                            await self._queue.cancel(self._consumer_tag)
+                        await self._queue.delete(if_unused=False, if_empty=False)
+                    await self._channel.close()
+            except Exception as exc:  # the channel may already be gone; nothing to keep
+                log.debug("watch close: %r", exc)

@@ -1,0 +1,458 @@
+"""``busreg`` command line. The only place that configures logging.
+
+    busreg topology apply
+    busreg worker
+    busreg register inventory --address 10.0.0.7:8080 --zone eu-1a --meta version=2
+    busreg ls [SERVICE] [--json]
+    busreg watch SERVICE [--json]
+    busreg status [--json]
+    busreg demo [--duration 30]
+
+Settings come from ``BUSREG_*`` environment variables; flags override them. Errors print
+one line on stderr and exit with status 1 (2 for bad usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
+
+import orjson
+
+from busreg.client.registry import Registry
+from busreg.client.revisions import Change
+from busreg.errors import BusregError, ConfigurationError
+from busreg.settings import Settings, load_settings
+from busreg.transport.connections import connect_amqp
+from busreg.transport.topology import apply_topology, verify_partitions
+
+__all__ = ["main"]
+
+log = logging.getLogger("busreg.cli")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def _configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # the broker libraries are chatty at INFO about reconnects we already report
+    for noisy in ("aio_pika", "aiormq", "rstream"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def _parser() -> argparse.ArgumentParser:
+    # SUPPRESS: an option given before the subcommand must not be reset by the
+    # subcommand's copy of it (argparse applies sub-parser defaults last)
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    common.add_argument("--amqp-url", help="AMQP URL (env BUSREG_AMQP_URL)")
+    common.add_argument("--stream-url", help="stream URL (env BUSREG_STREAM_URL)")
+    common.add_argument(
+        "--redis-url", help="Redis URL: worker, status, topology delete (env BUSREG_REDIS_URL)"
+    )
+    common.add_argument("--namespace", help="namespace prefix (env BUSREG_NAMESPACE)")
+    common.add_argument(
+        "--partitions", type=int, help="ingest partitions P (env BUSREG_PARTITIONS)"
+    )
+    common.add_argument(
+        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO"
+    )
+    common.add_argument("--log-format", choices=["text", "json"], help="default text")
+
+    parser = argparse.ArgumentParser(
+        prog="busreg",
+        description="Service registry on RabbitMQ streams and Redis.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    w = sub.add_parser("worker", parents=[common], help="run a shard worker (foreground)")
+    w.add_argument("--worker-id", help="stable id of this worker (default host-pid-random)")
+    w.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics on this port (env BUSREG_WORKER__METRICS_PORT)",
+    )
+    w.add_argument("--metrics-host", help="address of the metrics port (default 0.0.0.0)")
+
+    r = sub.add_parser("register", parents=[common], help="register one instance and heartbeat")
+    r.add_argument("service")
+    r.add_argument("--address", required=True, help="HOST:PORT callers should use")
+    r.add_argument("--instance-id")
+    r.add_argument("--zone", default="default")
+    r.add_argument("--status", default="UP", choices=["UP", "DOWN", "STARTING", "OUT_OF_SERVICE"])
+    r.add_argument("--meta", action="append", default=[], metavar="K=V", help="metadata entry")
+    r.add_argument("--ttl", type=float, help="lease TTL seconds (default 3)")
+    r.add_argument("--interval", type=float, help="heartbeat interval seconds (default 1)")
+
+    ls = sub.add_parser("ls", parents=[common], help="list services, or one service's instances")
+    ls.add_argument("service", nargs="?")
+    ls.add_argument("--json", action="store_true")
+
+    wa = sub.add_parser("watch", parents=[common], help="print a service's instances and changes")
+    wa.add_argument("service")
+    wa.add_argument("--json", action="store_true")
+    wa.add_argument("--duration", type=float, help="stop after this many seconds")
+
+    st = sub.add_parser("status", parents=[common], help="workers, partition owners, lag")
+    st.add_argument("--json", action="store_true")
+
+    b = sub.add_parser(
+        "bench",
+        parents=[common],
+        help="measure busreg beside the raw broker and Redis",
+        add_help=False,
+    )
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="see `busreg bench --help`")
+
+    d = sub.add_parser("deadletters", parents=[common], help="show refused events and deltas")
+    d.add_argument("--limit", type=int, default=20, help="how many of the oldest to show")
+    d.add_argument("--ack", action="store_true", help="remove the ones shown from the queue")
+    d.add_argument("--json", action="store_true")
+
+    k = sub.add_parser("keys", parents=[common], help="print service signing keys")
+    k.add_argument("services", nargs="+", metavar="SERVICE")
+
+    de = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="see it run: two workers, cart -> inventory, a crash and a takeover",
+    )
+    de.add_argument(
+        "--duration",
+        type=float,
+        default=30.0,
+        help="seconds until it ends by itself (default 30; at least 12 with default timings)",
+    )
+
+    t = sub.add_parser("topology", parents=[common], help="declare or remove the broker topology")
+    t.add_argument("action", choices=["apply", "check", "delete"])
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(
+        amqp_url=getattr(args, "amqp_url", None),
+        stream_url=getattr(args, "stream_url", None),
+        redis_url=getattr(args, "redis_url", None),
+        namespace=getattr(args, "namespace", None),
+        partitions=getattr(args, "partitions", None),
+    )
+
+
+async def _until_signal(main: Callable[[], Awaitable[None]], on_signal: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await main()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from pydantic import ValidationError
+
+    from busreg.server.worker import Worker
+    from busreg.settings import WorkerSettings
+
+    flags = {
+        name: getattr(args, name)
+        for name in ("metrics_port", "metrics_host")
+        if getattr(args, name, None) is not None
+    }
+    if flags:
+        try:
+            worker_settings = WorkerSettings.model_validate(settings.worker.model_dump() | flags)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            flag = str(err["loc"][0]).replace("_", "-")
+            raise ConfigurationError(f"--{flag}: {err['msg']}") from None
+        settings = settings.model_copy(update={"worker": worker_settings})
+    async with Worker(settings, worker_id=args.worker_id) as worker:
+        await _until_signal(worker.run, worker.stop)
+    return 0
+
+
+def _parse_meta(items: Sequence[str]) -> dict[str, str]:
+    meta: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigurationError(f"--meta expects KEY=VALUE, got {item!r}")
+        meta[key] = value
+    return meta
+
+
+async def _cmd_register(args: argparse.Namespace, settings: Settings) -> int:
+    meta = _parse_meta(args.meta)
+    stop = asyncio.Event()
+    async with Registry(settings, name=f"busreg-register {args.service}") as registry:
+        reg = await registry.register(
+            args.service,
+            address=args.address,
+            instance_id=args.instance_id,
+            zone=args.zone,
+            status=args.status,
+            metadata=meta,
+            ttl=args.ttl,
+            interval=args.interval,
+        )
+        print(
+            f"registered {reg.service}/{reg.instance_id} at {reg.address} "
+            f"(ttl {reg.ttl}s, heartbeat every {reg.interval}s); Ctrl-C to deregister",
+            flush=True,
+        )
+
+        async def wait() -> None:
+            await stop.wait()
+
+        await _until_signal(wait, stop.set)
+    print(f"deregistered {reg.service}/{reg.instance_id}", flush=True)
+    return 0
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+async def _cmd_ls(args: argparse.Namespace, settings: Settings) -> int:
+    async with Registry(settings, name="busreg-ls") as registry:
+        if args.service is None:
+            services = await registry.services()
+            if args.json:
+                print(json.dumps({"services": services}))
+            else:
+                rows = [[s["service"], str(s["instances"]), str(s["revision"])] for s in services]
+                print(_table(rows, ["SERVICE", "INSTANCES", "REVISION"]))
+            return 0
+        snap = await registry.snapshot(args.service)
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "service": snap.service,
+                        "revision": snap.revision,
+                        "epoch": snap.epoch,
+                        "instances": [i.model_dump(mode="json") for i in snap.instances],
+                    }
+                )
+            )
+        else:
+            print(f"{snap.service}  revision {snap.revision}  ({len(snap.instances)} instances)")
+            rows = [
+                [
+                    i.instance_id,
+                    i.address,
+                    i.zone,
+                    i.status.value,
+                    ",".join(f"{k}={v}" for k, v in sorted(i.metadata.items())),
+                ]
+                for i in snap.instances
+            ]
+            print(_table(rows, ["INSTANCE", "ADDRESS", "ZONE", "STATUS", "METADATA"]))
+    return 0
+
+
+def _change_line(change: Change, as_json: bool, reason: str | None = None) -> str:
+    if as_json:
+        return orjson.dumps(
+            {
+                "kind": change.kind.value,
+                "service": change.service,
+                "revision": change.revision,
+                "instance_id": change.instance_id,
+                "reason": reason or change.reason,
+                "instance": change.instance.model_dump(mode="json"),
+            }
+        ).decode()
+    i = change.instance
+    why = f" ({reason or change.reason})" if (reason or change.reason) else ""
+    return (
+        f"{time.strftime('%H:%M:%S')} rev {change.revision:<5} {change.kind.value:<8} "
+        f"{i.instance_id} {i.address} zone={i.zone} {i.status.value}{why}"
+    )
+
+
+async def _cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
+    from busreg.server.worker import cancel_until_done
+    from busreg.wire.models import DeltaKind
+
+    stop = asyncio.Event()
+    async with Registry(settings, name=f"busreg-watch {args.service}") as registry:
+        view = await registry.watch(args.service)
+        changes = view.changes()
+        for inst in sorted(view.instances.values(), key=lambda i: i.instance_id):
+            change = Change(DeltaKind.ADDED, args.service, view.revision, inst, None)
+            print(_change_line(change, args.json, reason="snapshot"), flush=True)
+
+        async def follow() -> None:
+            async for change in changes:
+                print(_change_line(change, args.json), flush=True)
+
+        async def run() -> None:
+            async with asyncio.TaskGroup() as tg:
+                task = tg.create_task(follow())
+                try:
+                    async with asyncio.timeout(args.duration):
+                        await stop.wait()
+                except TimeoutError:
+                    pass
+                await cancel_until_done([task])
+
+        await _until_signal(run, stop.set)
+    return 0
+
+
+async def _cmd_topology(args: argparse.Namespace, settings: Settings) -> int:
+    conn = await connect_amqp(settings, "busreg-topology")
+    try:
+        if args.action == "apply":
+            await apply_topology(conn, settings)
+            print(
+                f"topology of namespace {settings.namespace!r} applied "
+                f"({settings.partitions} partitions)"
+            )
+        elif args.action == "check":
+            await verify_partitions(conn, settings)
+            print(
+                f"topology of namespace {settings.namespace!r} is in place "
+                f"({settings.partitions} partitions)"
+            )
+        else:
+            from busreg.ops.admin import delete_namespace
+
+            keys = await delete_namespace(settings)
+            print(f"namespace {settings.namespace!r} deleted (topology and {keys} Redis keys)")
+    finally:
+        await conn.close()
+    return 0
+
+
+async def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from busreg.ops.demo import run_demo
+
+    return await run_demo(settings, duration=args.duration)
+
+
+async def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from busreg.ops.status import collect_status, render_status
+
+    report = await collect_status(settings)
+    print(json.dumps(report) if args.json else render_status(report))
+    return 0
+
+
+async def _cmd_deadletters(args: argparse.Namespace, settings: Settings) -> int:
+    from busreg.ops.deadletters import read_dead_letters
+
+    if args.limit < 0:
+        raise ConfigurationError("--limit must be >= 0")
+    total, letters = await read_dead_letters(settings, limit=args.limit, ack=args.ack)
+    if args.json:
+        for letter in letters:
+            print(json.dumps(letter))
+        return 0
+    print(f"{total} dead letter(s) in {settings.namespace}.deadletter; oldest {len(letters)}:")
+    rows = [
+        [
+            str(x.get("reason")),
+            str(x.get("partition", x.get("queue", ""))),
+            str(x.get("offset", "")),
+            str(x.get("detail", ""))[:60],
+            str(x.get("body"))[:60],
+        ]
+        for x in letters
+    ]
+    if rows:
+        print(_table(rows, ["REASON", "PARTITION/QUEUE", "OFFSET", "DETAIL", "BODY"]))
+    return 0
+
+
+async def _cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
+    from busreg.wire.auth import service_key
+    from busreg.wire.models import Register
+
+    secret = settings.auth.secret_bytes()
+    if secret is None:
+        raise ConfigurationError("set BUSREG_AUTH__SECRET (the workers' secret) to derive keys")
+    for service in args.services:
+        try:  # names are validated exactly like registrations
+            Register(service=service, instance_id="x", incarnation=0, seq=0, address="h:1")
+        except ValueError as exc:
+            raise ConfigurationError(f"invalid service name {service!r}") from exc
+        print(f"{service}={service_key(secret, service).hex()}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]] = {
+    "worker": _cmd_worker,
+    "register": _cmd_register,
+    "ls": _cmd_ls,
+    "watch": _cmd_watch,
+    "topology": _cmd_topology,
+    "status": _cmd_status,
+    "deadletters": _cmd_deadletters,
+    "keys": _cmd_keys,
+    "demo": _cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, unknown = _parser().parse_known_args(argv)
+    if args.command == "bench":
+        from busreg.bench import main as bench_main
+
+        _configure_logging(getattr(args, "log_level", "WARNING"), "text")
+        try:
+            return bench_main([*unknown, *args.bench_args], _settings(args))
+        except BusregError as exc:
+            print(f"busreg: error: {exc}", file=sys.stderr)
+            return 1
+    if unknown:
+        _parser().error(f"unrecognized arguments: {' '.join(unknown)}")
+    # the demo draws a table on the terminal: only problems may interrupt it
+    default_level = "WARNING" if args.command == "demo" else "INFO"
+    _configure_logging(
+        getattr(args, "log_level", default_level), getattr(args, "log_format", "text")
+    )
+    try:
+        settings = _settings(args)
+        return asyncio.run(COMMANDS[args.command](args, settings))
+    except BusregError as exc:
+        print(f"busreg: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

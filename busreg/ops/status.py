@@ -1,0 +1,128 @@
+"""``busreg status``: the cluster as a controller sees it, read from Redis and the streams.
+
+For every partition: owner and fencing token, committed offset, the stream's head offset
+(read by peeking at the last chunk over the stream protocol) and so the lag, instances and
+services, outbox depth, and the watermark age (how long ago, in Redis time, the newest
+consumed event was written to the stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from busreg import constants as c
+from busreg.server.store import PartitionStore
+from busreg.settings import Settings
+from busreg.transport.connections import connect_redis, stream_consumer, translate_stream
+
+__all__ = ["collect_status", "render_status", "stream_heads"]
+
+
+async def stream_heads(settings: Settings, timeout: float = 1.0) -> dict[int, int]:
+    """Offset of the newest message of each ingest partition (-1 if empty)."""
+    from rstream import ConsumerOffsetSpecification, OffsetType
+
+    consumer = await stream_consumer(settings, "busreg-status")
+    heads: dict[int, int] = {}
+    try:
+        for k in range(settings.partitions):
+            stream = c.ingest_partition(settings.namespace, k)
+            seen = asyncio.Event()
+            newest = [-1]
+
+            async def on_message(
+                _body: bytes, ctx: Any, newest: list[int] = newest, seen: asyncio.Event = seen
+            ) -> None:
+                newest[0] = max(newest[0], ctx.offset)
+                seen.set()
+
+            with translate_stream(f"peek {stream}"):
+                sid = await consumer.subscribe(
+                    stream,
+                    on_message,
+                    offset_specification=ConsumerOffsetSpecification(OffsetType.LAST, None),
+                )
+                try:
+                    async with asyncio.timeout(timeout):
+                        await seen.wait()
+                    # the last chunk arrives in one frame; give its remaining messages a beat
+                    await asyncio.sleep(0.01)
+                except TimeoutError:
+                    pass  # empty stream
+                await consumer.unsubscribe(sid)
+            heads[k] = newest[0]
+    finally:
+        await consumer.close()
+    return heads
+
+
+async def collect_status(settings: Settings) -> dict[str, Any]:
+    redis = await connect_redis(settings)
+    try:
+        store = PartitionStore(redis, settings.namespace)
+        # offsets first, stream heads after: a head read later is never behind its offset
+        rows: list[dict[str, Any]] = []
+        for k in range(settings.partitions):
+            now_ms, live = await store.heartbeat_worker("", 0)  # Redis' clock, now
+            state = await store.partition_state(k)
+            holder = await store.owner(k)
+            services = await store.services(k)
+            last_ts = state.get("last_ts")
+            rows.append(
+                {
+                    "partition": k,
+                    "owner": holder.split("|", 1)[0] if holder else None,
+                    "token": holder.split("|", 1)[1] if holder else None,
+                    "epoch": state.get("epoch"),
+                    "committed_offset": int(state.get("offset", -1)),
+                    "instances": sum(s.instances for s in services),
+                    "services": sum(1 for s in services if s.instances),
+                    "outbox": int(state.get("outbox", 0)),
+                    "watermark_age_ms": max(0, now_ms - int(float(last_ts))) if last_ts else None,
+                    "applied": int(state.get("applied", 0)),
+                    "expired": int(state.get("expired", 0)),
+                    "replayed": int(state.get("replayed", 0)),
+                }
+            )
+        heads = await stream_heads(settings)
+        for row in rows:
+            row["head_offset"] = heads.get(row["partition"], -1)
+            row["lag"] = max(0, row["head_offset"] - row["committed_offset"])
+        partitions = rows
+    finally:
+        await redis.aclose()
+    return {
+        "namespace": settings.namespace,
+        "time": time.time(),
+        "workers": live,
+        "partitions": partitions,
+    }
+
+
+def render_status(report: dict[str, Any]) -> str:
+    lines = [
+        f"namespace {report['namespace']}: {len(report['workers'])} live worker(s): "
+        + (", ".join(report["workers"]) or "none")
+    ]
+    header = ["P", "OWNER", "TOKEN", "OFFSET", "HEAD", "LAG", "INST", "SVC", "OUTBOX", "WM AGE"]
+    rows = [
+        [
+            str(p["partition"]),
+            p["owner"] or "-",
+            p["token"] or "-",
+            str(p["committed_offset"]),
+            str(p["head_offset"]),
+            str(p["lag"]),
+            str(p["instances"]),
+            str(p["services"]),
+            str(p["outbox"]),
+            "-" if p["watermark_age_ms"] is None else f"{p['watermark_age_ms'] / 1000:.1f}s",
+        ]
+        for p in report["partitions"]
+    ]
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=False)]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    lines += ["  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,171 @@
+"""Declaring and checking the broker topology of a namespace (idempotent).
+
+* ``<ns>.ingest``: the ingest super stream, laid out as RabbitMQ's tooling does it: a direct
+  exchange with ``x-super-stream: true`` and P streams ``<ns>.ingest-<k>`` bound with routing
+  key ``"<k>"`` and ``x-stream-partition-order: k``; retention by size, small segments.
+* ``<ns>.rpc``: the snapshot/list request queue all workers share.
+* ``<ns>.deadletter``: fanout exchange and a bounded queue for events that were refused.
+* ``<ns>.svc.<service>``: per-service delta exchanges, declared on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+
+from busreg import constants as c
+from busreg.errors import PartitionMismatch, TopologyMissing
+from busreg.settings import Settings
+from busreg.transport.connections import translate
+
+__all__ = [
+    "apply_topology",
+    "declare_service_exchange",
+    "delete_topology",
+    "service_user_permissions",
+    "verify_partitions",
+]
+
+log = logging.getLogger("busreg.topology")
+
+#: Requests older than this are useless (their caller has timed out): the broker drops them.
+RPC_MESSAGE_TTL_MS = 10_000
+#: Dead letters kept for operators; beyond this the oldest are dropped (bounded memory).
+DEAD_LETTER_MAX = 100_000
+
+
+async def apply_topology(conn: AbstractConnection, settings: Settings) -> None:
+    """Declare everything of ``settings.namespace``; safe to run any number of times."""
+    ns = settings.namespace
+    await verify_partitions(conn, settings, allow_missing=True)
+    with translate("topology apply"):
+        channel = await conn.channel()
+        try:
+            exchange = await channel.declare_exchange(
+                c.ingest_super_stream(ns),
+                aio_pika.ExchangeType.DIRECT,
+                durable=True,
+                arguments={"x-super-stream": True},
+            )
+            for k in range(settings.partitions):
+                queue = await channel.declare_queue(
+                    c.ingest_partition(ns, k),
+                    durable=True,
+                    arguments={
+                        "x-queue-type": "stream",
+                        "x-max-length-bytes": settings.stream_max_bytes,
+                        "x-stream-max-segment-size-bytes": settings.stream_segment_bytes,
+                    },
+                )
+                await queue.bind(
+                    exchange, routing_key=str(k), arguments={"x-stream-partition-order": k}
+                )
+            await channel.declare_queue(
+                c.rpc_queue(ns), durable=True, arguments={"x-message-ttl": RPC_MESSAGE_TTL_MS}
+            )
+            dlx = await channel.declare_exchange(
+                c.dead_letter_exchange(ns), aio_pika.ExchangeType.FANOUT, durable=True
+            )
+            dlq = await channel.declare_queue(
+                c.dead_letter_queue(ns),
+                durable=True,
+                arguments={"x-max-length": DEAD_LETTER_MAX, "x-overflow": "drop-head"},
+            )
+            await dlq.bind(dlx)
+        finally:
+            await channel.close()
+    log.info("topology applied namespace=%s partitions=%d", ns, settings.partitions)
+
+
+async def _exists(conn: AbstractConnection, queue: str) -> bool:
+    # a failed passive declare closes its channel: use a throwaway one
+    channel = await conn.channel()
+    try:
+        await channel.declare_queue(queue, passive=True)
+    except aio_pika.exceptions.ChannelNotFoundEntity:
+        return False
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    return True
+
+
+async def verify_partitions(
+    conn: AbstractConnection, settings: Settings, *, allow_missing: bool = False
+) -> None:
+    """Check that the super stream has exactly ``settings.partitions`` partitions.
+
+    Workers and clients call this at start: a disagreement on P would silently misroute
+    events, so it is an error instead. ``allow_missing`` accepts a namespace with no
+    topology yet (before ``apply``).
+    """
+    ns, parts = settings.namespace, settings.partitions
+    with translate("topology check"):
+        first = await _exists(conn, c.ingest_partition(ns, 0))
+        if not first:
+            if allow_missing:
+                return
+            raise TopologyMissing(
+                f"namespace {ns!r} has no ingest streams: run `busreg topology apply`"
+            )
+        if not await _exists(conn, c.ingest_partition(ns, parts - 1)) or await _exists(
+            conn, c.ingest_partition(ns, parts)
+        ):
+            found = 0
+            while await _exists(conn, c.ingest_partition(ns, found)):
+                found += 1
+            raise PartitionMismatch(
+                f"namespace {ns!r} has {found} ingest partitions but settings say {parts} "
+                f"(set BUSREG_PARTITIONS={found}; P is fixed when the topology is created)"
+            )
+
+
+async def declare_service_exchange(
+    channel: AbstractChannel, ns: str, service: str
+) -> AbstractExchange:
+    with translate(f"declare exchange of {service}"):
+        return await channel.declare_exchange(
+            c.service_exchange(ns, service), aio_pika.ExchangeType.TOPIC, durable=True
+        )
+
+
+def service_user_permissions(namespace: str, service: str) -> tuple[str, str, str]:
+    """(configure, write, read) regexes for a per-service broker user, least privilege:
+
+    * write: publish events to the ingest exchange (AMQP path; identity = user_id), send
+      snapshot requests (default exchange), bind its own queues, and name the dead-letter
+      exchange in its group queues (RabbitMQ checks write access to it). No write on the ingest
+      streams, so it cannot use the stream protocol (where a user_id could be forged);
+    * read: the service exchanges it watches, and only its own queues: exclusive ones
+      (``amq.gen-*`` or aio-pika's ``amq_<hex>``: watch and reply queues, which no other
+      connection may use anyway) and its consumer groups, named
+      ``<ns>.group.<watched service>.<own service>[-suffix]``;
+    * configure: declare those queues and (idempotently) the service exchanges.
+    """
+    ns = re.escape(namespace)
+    own_groups = rf"{ns}\.group\.[^.]+\.{re.escape(service)}(-[^.]*)?"
+    exclusive = r"amq\.gen-.*|amq_[0-9a-f]+"
+    configure = rf"^({exclusive}|{ns}\.svc\.[^.]+|{own_groups})$"
+    write = rf"^({ns}\.ingest|{ns}\.deadletter|amq\.default|{exclusive}|{own_groups})$"
+    read = rf"^({ns}\.svc\.[^.]+|{exclusive}|{own_groups})$"
+    return configure, write, read
+
+
+async def delete_topology(conn: AbstractConnection, settings: Settings) -> None:
+    """Remove the namespace's streams, queues and exchanges (per-service ones it knows of
+    are left to their owners; tests delete them by name)."""
+    ns = settings.namespace
+    with translate("topology delete"):
+        channel = await conn.channel()
+        try:
+            for k in range(settings.partitions):
+                await channel.queue_delete(c.ingest_partition(ns, k))
+            await channel.exchange_delete(c.ingest_super_stream(ns))
+            await channel.queue_delete(c.rpc_queue(ns))
+            await channel.queue_delete(c.dead_letter_queue(ns))
+            await channel.exchange_delete(c.dead_letter_exchange(ns))
+        finally:
+            await channel.close()

@@ -1,0 +1,238 @@
+"""The event contracts, as pydantic models (exported to ``schemas/`` as JSON Schema).
+
+Ingest events (instance → stream)::
+
+    Register(service="inventory", instance_id="inv-1", incarnation=..., seq=1,
+             address="10.0.0.7:8080", zone="eu-1a", metadata={"version": "2.1"})
+
+Every ingest event carries ``v`` (contract version), the instance's ``incarnation`` (fixed
+for one run of the instance, larger for a later run) and ``seq`` (grows with every event of
+that incarnation). A worker applies an event only if ``(incarnation, seq)`` is newer than
+what it has, so duplicates and reordering change nothing (invariant 2). Register and
+heartbeat both carry the whole registration: a worker that lost its state rebuilds an
+instance from its next heartbeat.
+
+Deltas and snapshots (worker → subscribers) carry the service's ``epoch`` and
+``revision``: revisions grow by one with every visible change of the service, within an
+epoch; a new epoch (state rebuilt) or a skipped revision tells a subscriber to re-read a
+snapshot (invariant 5).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    TypeAdapter,
+    field_validator,
+)
+
+from busreg import constants as c
+
+__all__ = [
+    "Delta",
+    "DeltaKind",
+    "Deregister",
+    "Heartbeat",
+    "IngestEvent",
+    "Instance",
+    "InstanceStatus",
+    "Register",
+    "Snapshot",
+    "SnapshotRequest",
+    "Tick",
+]
+
+ServiceName = Annotated[
+    str,
+    Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
+        description="Service name: letters, digits, '.', '_', '-'; at most 100 characters.",
+    ),
+]
+InstanceId = Annotated[
+    str,
+    Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$",
+        description="Instance id, unique within its service.",
+    ),
+]
+
+
+def _check_port(value: str) -> str:
+    if not 1 <= int(value.rsplit(":", 1)[1]) <= 65535:
+        raise ValueError("port must be 1-65535")
+    return value
+
+
+Address = Annotated[
+    str,
+    Field(
+        pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]{1,253}):[0-9]{1,5}$",
+        description="host:port (IPv6 in brackets), port 1-65535.",
+    ),
+    AfterValidator(_check_port),
+]
+Zone = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+Ttl = Annotated[float, Field(gt=0, le=c.MAX_TTL, description="Lease TTL in seconds.")]
+#: Contract version of an ingest event: exactly the integer 1 (``true`` or ``"1"`` are not).
+Version = Annotated[
+    int, Strict(), Field(ge=1, le=1, json_schema_extra={"const": 1}, description="Version: 1.")
+]
+
+
+class InstanceStatus(StrEnum):
+    """Eureka's instance statuses; load balancers choose only UP instances."""
+
+    UP = "UP"
+    DOWN = "DOWN"
+    STARTING = "STARTING"
+    OUT_OF_SERVICE = "OUT_OF_SERVICE"
+
+
+class DeltaKind(StrEnum):
+    ADDED = "added"
+    MODIFIED = "modified"
+    REMOVED = "removed"
+
+
+def _check_metadata(value: dict[str, str]) -> dict[str, str]:
+    if len(value) > 64:
+        raise ValueError("at most 64 metadata entries")
+    for key, item in value.items():
+        if not key or len(key) > 128 or len(item) > 1024:
+            raise ValueError("metadata keys are 1-128 characters, values at most 1024")
+    return value
+
+
+class _Registration(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Version = 1
+    service: ServiceName
+    instance_id: InstanceId
+    incarnation: int = Field(ge=0, lt=2**63)
+    seq: int = Field(ge=0, lt=2**53)
+    address: Address
+    zone: Zone = "default"
+    status: InstanceStatus = InstanceStatus.UP
+    metadata: dict[str, str] = Field(default_factory=dict)
+    ttl: Ttl = c.DEFAULT_TTL
+
+    _meta = field_validator("metadata")(_check_metadata)
+
+    def instance(self) -> Instance:
+        return Instance(
+            service=self.service,
+            instance_id=self.instance_id,
+            incarnation=self.incarnation,
+            address=self.address,
+            zone=self.zone,
+            status=self.status,
+            metadata=self.metadata,
+            ttl=self.ttl,
+        )
+
+
+class Register(_Registration):
+    """An instance announces itself (or changes its status/metadata)."""
+
+    type: Literal["register"] = "register"
+
+
+class Heartbeat(_Registration):
+    """Periodic renewal; carries the whole registration so lost state heals by itself."""
+
+    type: Literal["heartbeat"] = "heartbeat"
+
+
+class Deregister(BaseModel):
+    """Graceful shutdown: the instance is removed at once and subscribers are told."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Version = 1
+    type: Literal["deregister"] = "deregister"
+    service: ServiceName
+    instance_id: InstanceId
+    incarnation: int = Field(ge=0, lt=2**63)
+    seq: int = Field(ge=0, lt=2**53)
+
+
+class Tick(BaseModel):
+    """Written by a partition's owner into a quiet partition: the watermark (invariant 4)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Version = 1
+    type: Literal["tick"] = "tick"
+    worker: str = Field(max_length=128)
+
+
+IngestEvent = Annotated[Register | Heartbeat | Deregister | Tick, Field(discriminator="type")]
+ingest_adapter: TypeAdapter[Register | Heartbeat | Deregister | Tick] = TypeAdapter(IngestEvent)
+
+
+class Instance(BaseModel):
+    """A registered instance as subscribers see it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    service: ServiceName
+    instance_id: InstanceId
+    incarnation: int
+    address: Address
+    zone: Zone = "default"
+    status: InstanceStatus = InstanceStatus.UP
+    metadata: dict[str, str] = Field(default_factory=dict)
+    ttl: float = c.DEFAULT_TTL
+
+    @property
+    def host(self) -> str:
+        return self.address.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+
+class Delta(BaseModel):
+    """One visible change of one service, published on the service's exchange."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    v: Literal[1] = 1
+    kind: DeltaKind
+    service: ServiceName
+    epoch: str
+    revision: int = Field(ge=1)
+    instance: Instance
+    reason: Literal["deregistered", "expired"] | None = None
+
+
+class Snapshot(BaseModel):
+    """A service's whole instance set at one revision (the 'list' of list-then-watch)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    v: Literal[1] = 1
+    service: ServiceName
+    epoch: str
+    revision: int = Field(ge=0)
+    instances: list[Instance]
+
+
+class SnapshotRequest(BaseModel):
+    """Request on the RPC queue: ``snapshot`` of one service or ``services`` overview."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = 1
+    op: Literal["snapshot", "services"] = "snapshot"
+    service: ServiceName | None = None
