@@ -67,12 +67,9 @@ def full_permissions(name: str) -> dict[str, str]:
 def build(namespace: str, partitions: int, busreg_password: str) -> dict[str, Any]:
     # Imported here so that --help works even when busreg is half-written.
     from busreg import constants as c
+    from busreg.constants import DEAD_LETTER_MAX, RPC_MESSAGE_TTL_MS
     from busreg.settings import Settings
-    from busreg.transport.topology import (
-        DEAD_LETTER_MAX,
-        RPC_MESSAGE_TTL_MS,
-        service_user_permissions,
-    )
+    from busreg.transport.topology import service_user_permissions
 
     # Build from defaults only: BUSREG_* variables of the calling shell must not leak in.
     for key in [k for k in os.environ if k.upper().startswith("BUSREG_")]:

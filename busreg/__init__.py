@@ -1,7 +1,11 @@
 """busreg: a service registry on RabbitMQ streams and Redis.
 
-Public surface (guarded by a test): everything a user imports comes from here.
+Public surface (guarded by a test): everything a user imports comes from here. ``Worker``
+is loaded on first use, so an application that only registers and watches never imports
+the worker side (its Lua scripts, metrics and prometheus_client).
 """
+
+from typing import TYPE_CHECKING, Any
 
 from busreg.callers.balancer import RoundRobin, ZoneAware
 from busreg.callers.retry import RetryBudget, RetryPolicy
@@ -23,10 +27,12 @@ from busreg.errors import (
     RequestTimeout,
     TopologyMissing,
 )
-from busreg.server.worker import Worker
 from busreg.settings import ClientSettings, Settings, WorkerSettings
 from busreg.wire.models import Delta, DeltaKind, Instance, InstanceStatus, Snapshot
 from busreg.wire.routing import partition_for
+
+if TYPE_CHECKING:
+    from busreg.server.worker import Worker
 
 __version__ = "0.1.0"
 
@@ -63,3 +69,11 @@ __all__ = [
     "__version__",
     "partition_for",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Worker":
+        from busreg.server.worker import Worker
+
+        return Worker
+    raise AttributeError(f"module 'busreg' has no attribute {name!r}")

@@ -73,12 +73,25 @@ def cluster_key_prefix(namespace: str) -> str:
 
 
 # Suffixes of partition keys (see partition_key_prefix). Lua builds the per-service keys
-# itself from the same prefix, so the layout is documented in busreg/lua/apply.lua too.
+# itself from the same prefix, so the layout is documented in busreg/server/lua/apply.lua too.
 KEY_STATE = "state"  # hash: fence, epoch, offset, last_ts, clock, counters
 KEY_LEASE = "lease"  # string "<worker>|<token>" with PX expiry on Redis' clock
 KEY_OUTBOX = "outbox"  # list of pending deltas / dead letters, drained with confirms
-KEY_REVISIONS = "rev"  # hash service -> revision
-KEY_DEADLINES = "deadlines"  # zset service<US>instance -> lease deadline (logical ms)
+KEY_WORKERS = "workers"  # zset worker id -> membership deadline (Redis ms), cluster prefix
+
+# --- queue arguments --------------------------------------------------------------------
+
+#: Snapshot requests older than this are useless (their caller has timed out): the broker
+#: drops them.
+RPC_MESSAGE_TTL_MS = 10_000
+#: Dead letters kept for operators; beyond this the oldest are dropped (bounded memory).
+DEAD_LETTER_MAX = 100_000
+#: Deliveries of one delta to a consumer group before it is dead-lettered (a handler that
+#: raises on it).
+DELIVERY_LIMIT = 5
+#: Group backlog bound; past it the oldest deltas are dropped. A group that far behind
+#: should re-read snapshots rather than replay stale history.
+GROUP_QUEUE_MAX = 100_000
 
 # --- timings (defaults; all are settings) ---------------------------------------------
 

@@ -43,10 +43,10 @@ from busreg.bench.common import (
 )
 from busreg.bench.loadgen import HeartbeatLoad, check_template
 from busreg.bench.procs import CpuMeter, Processes, proc_rss_kib, server_pids, stream_dir_bytes
-from busreg.ops.status import stream_heads
 from busreg.server.store import PartitionStore
 from busreg.settings import Settings
 from busreg.transport.connections import stream_producer
+from busreg.transport.streams import stream_heads
 
 __all__ = ["run_drain", "run_ingestion"]
 

@@ -31,8 +31,8 @@ from busreg.bench.common import (
 from busreg.bench.ingestion import _wid, wait_owned
 from busreg.bench.loadgen import HeartbeatLoad
 from busreg.bench.procs import Processes
-from busreg.ops.status import stream_heads
 from busreg.transport.connections import stream_producer
+from busreg.transport.streams import stream_heads
 
 __all__ = ["run_takeover"]
 

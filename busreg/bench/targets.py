@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from busreg.bench.report import fmt_num, fmt_ratio
+from busreg.bench.fmt import fmt_num, fmt_ratio
 
 __all__ = ["derive", "sanity_problems"]
 

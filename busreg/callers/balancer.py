@@ -11,16 +11,12 @@ instance is chosen as soon as the view has it and a removed one is never chosen 
     instance = balancer.choose()                      # raises NoInstanceAvailable if none
 
 Only instances whose status is UP and that match the ``metadata`` filter (and ``predicate``)
-are chosen. On top of that, each balancer keeps a **local outlier ejection** table: a caller
-that cannot connect to an instance ejects it at once (``eject(instance)``), instead of waiting
-seconds for the registry to expire it. The instance comes back when its back-off ends (the
-back-off doubles with every consecutive failure: 5 s, 10 s, 20 s ... up to 60 s by default)
-or as soon as the registry announces a new incarnation of it (a new run of the process).
-A success (``record_success``) forgets its failures. An instance whose open connection
-broke (``suspect``) gets one attempt at a time for a moment, so the calls dispatched
-while a just-crashed process is being found out do not all hit its port. If *every*
-eligible instance is ejected, the balancer chooses among the ejected ones rather than
-failing the call (``panic=True``, Envoy's panic mode): a local table must never take a
+are chosen, minus those in the balancer's **local outlier ejection** table
+(``busreg.callers.ejection``): a caller that cannot connect to an instance ejects it at once
+(``eject(instance)``) for a back-off, instead of waiting seconds for the registry to expire
+it; one whose open connection broke (``suspect``) gets one attempt at a time for a moment.
+If *every* eligible instance is ejected, the balancer chooses among the ejected ones rather
+than failing the call (``panic=True``, Envoy's panic mode): a local table must never take a
 whole service away.
 
 Pure logic, no I/O: the clock is a parameter (``clock=fake_clock`` in tests).
@@ -32,16 +28,15 @@ import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Protocol, TypedDict, Unpack
 
+from busreg.callers.ejection import EjectionPolicy, EjectionTable
 from busreg.errors import NoInstanceAvailable
 from busreg.wire.models import Instance, InstanceStatus
 
 __all__ = [
     "BalancerOptions",
     "Clock",
-    "EjectionPolicy",
     "InstanceSource",
     "LeastOutstanding",
     "LoadBalancer",
@@ -63,40 +58,6 @@ class InstanceSource(Protocol):
     def instances(self) -> Mapping[str, Instance]: ...
 
 
-@dataclass(frozen=True, slots=True)
-class EjectionPolicy:
-    """Back-off of local outlier ejection: ``base * multiplier**(failures - 1)``, capped.
-
-    The default base (5 s) is longer than the default lease TTL (3 s) plus detection, so a
-    crashed instance is normally removed by the registry before its ejection ends: one
-    failed connect per caller, then never chosen again.
-
-    ``suspicion``: how long an instance whose open connection broke (reset, closed without
-    an answer: typical of a process that just died) is only *probed*, one attempt at a
-    time, instead of receiving every call; a success clears it, a failed connect ejects it.
-
-        EjectionPolicy(base=5.0, multiplier=2.0, maximum=60.0, suspicion=1.0)
-    """
-
-    base: float = 5.0
-    multiplier: float = 2.0
-    maximum: float = 60.0
-    suspicion: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.base <= 0 or self.maximum < self.base or self.multiplier < 1:
-            raise ValueError("EjectionPolicy needs 0 < base <= maximum and multiplier >= 1")
-        if self.suspicion < 0:
-            raise ValueError("EjectionPolicy.suspicion must be >= 0")
-
-    def backoff(self, failures: int) -> float:
-        """Ejection time after ``failures`` consecutive connect failures (>= 1)."""
-        exponent = max(0, failures - 1)
-        if exponent > 64:  # far past the cap; avoid float overflow
-            return self.maximum
-        return float(min(self.maximum, self.base * self.multiplier**exponent))
-
-
 class BalancerOptions(TypedDict, total=False):
     """Keyword options every balancer accepts (see ``LoadBalancer``)."""
 
@@ -106,13 +67,6 @@ class BalancerOptions(TypedDict, total=False):
     panic: bool
     clock: Clock
     name: str | None
-
-
-@dataclass(slots=True)
-class _Ejection:
-    incarnation: int
-    failures: int
-    until: float
 
 
 class LoadBalancer(ABC):
@@ -137,12 +91,10 @@ class LoadBalancer(ABC):
         self.source = source
         self.metadata = dict(metadata or {})
         self.predicate = predicate
-        self.ejection = ejection or EjectionPolicy()
+        self._ejections = EjectionTable(ejection)
         self.panic = panic
         self.clock = clock
         self.name = name or str(getattr(source, "service", "service"))
-        self._ejected: dict[str, _Ejection] = {}
-        self._suspects: dict[str, tuple[int, float]] = {}  # id -> (incarnation, until)
         self._outstanding: dict[str, int] = {}
         self._next = 0  # rotation counter of round-robin style choices
         self._cache_key: tuple[object, object] | None = None
@@ -176,30 +128,6 @@ class LoadBalancer(ABC):
         self._cache_key, self._cache = key, found
         return found
 
-    def is_ejected(self, instance: Instance, now: float | None = None) -> bool:
-        """Whether this caller currently avoids ``instance``.
-
-        A record for an older incarnation is dropped: the registry announced a new run."""
-        record = self._ejected.get(instance.instance_id)
-        if record is None:
-            return False
-        if record.incarnation != instance.incarnation:
-            del self._ejected[instance.instance_id]
-            return False
-        return (self.clock() if now is None else now) < record.until
-
-    def is_suspect(self, instance: Instance, now: float | None = None) -> bool:
-        """Whether ``instance`` is only probed (one attempt at a time) after a broken
-        connection."""
-        record = self._suspects.get(instance.instance_id)
-        if record is None:
-            return False
-        incarnation, until = record
-        if incarnation != instance.incarnation or (self.clock() if now is None else now) >= until:
-            del self._suspects[instance.instance_id]
-            return False
-        return True
-
     def _avoided(self, instance: Instance, now: float) -> bool:
         if self.is_ejected(instance, now):
             return True
@@ -219,7 +147,7 @@ class LoadBalancer(ABC):
         if not eligible:
             raise NoInstanceAvailable(self._explain())
         pool = eligible
-        if self._ejected or self._suspects:  # only then is there anything to filter out
+        if self._ejections:  # only with records is there anything to filter out
             now = self.clock()
             pool = [i for i in eligible if not self._avoided(i, now)]
             if not pool:
@@ -256,58 +184,55 @@ class LoadBalancer(ABC):
             parts.append(f"{len(ejected)} ejected after connect failures")
         return f"no instance of {self.name!r} available ({', '.join(parts)})"
 
-    # --- ejection ---------------------------------------------------------------------------
+    # --- ejection (delegated to the EjectionTable) -------------------------------------------
+
+    @property
+    def ejection(self) -> EjectionPolicy:
+        """The back-off of ejections and the length of suspicions."""
+        return self._ejections.policy
+
+    @ejection.setter
+    def ejection(self, policy: EjectionPolicy) -> None:
+        self._ejections.policy = policy
+
+    @property
+    def _ejected(self) -> Mapping[str, object]:
+        # the ejection records kept (ended ones until pruned): for tests and debugging
+        return self._ejections.records
+
+    def is_ejected(self, instance: Instance, now: float | None = None) -> bool:
+        """Whether this caller currently avoids ``instance``.
+
+        A record for an older incarnation is dropped: the registry announced a new run."""
+        return self._ejections.is_ejected(instance, self.clock() if now is None else now)
+
+    def is_suspect(self, instance: Instance, now: float | None = None) -> bool:
+        """Whether ``instance`` is only probed (one attempt at a time) after a broken
+        connection."""
+        return self._ejections.is_suspect(instance, self.clock() if now is None else now)
 
     def eject(self, instance: Instance, until: float | None = None) -> float:
         """Avoid ``instance`` (after a connect failure) until ``until`` on this balancer's
         clock; by default for the back-off of its consecutive failures. Returns ``until``."""
-        now = self.clock()
-        self._prune(now)
-        record = self._ejected.get(instance.instance_id)
-        if record is None or record.incarnation != instance.incarnation:
-            record = _Ejection(instance.incarnation, 0, now)
-            self._ejected[instance.instance_id] = record
-        record.failures += 1
-        record.until = now + self.ejection.backoff(record.failures) if until is None else until
-        self._suspects.pop(instance.instance_id, None)
-        return record.until
+        return self._ejections.eject(instance, self.clock(), self.source.instances, until)
 
     def suspect(self, instance: Instance, until: float | None = None) -> None:
         """An open connection to ``instance`` broke: probe it with one attempt at a time
         until a success, a failed connect (ejection) or ``until`` (default: now +
         ``ejection.suspicion``), so calls dispatched meanwhile do not all hit a dead port."""
-        if self.is_ejected(instance):
-            return
-        end = self.clock() + self.ejection.suspicion if until is None else until
-        self._suspects[instance.instance_id] = (instance.incarnation, end)
+        self._ejections.suspect(instance, self.clock(), until)
 
     def reinstate(self, instance: Instance) -> None:
         """Forget ``instance``'s ejection, suspicion and failures now."""
-        self._ejected.pop(instance.instance_id, None)
-        self._suspects.pop(instance.instance_id, None)
+        self._ejections.reinstate(instance)
 
     def record_success(self, instance: Instance) -> None:
         """A call reached ``instance``: it is reinstated and its failure count starts again."""
-        self._ejected.pop(instance.instance_id, None)
-        self._suspects.pop(instance.instance_id, None)
+        self._ejections.reinstate(instance)
 
     def ejected(self) -> dict[str, float]:
         """Instance id -> end of its ejection, for instances ejected right now."""
-        now = self.clock()
-        live = self.source.instances
-        return {
-            iid: r.until
-            for iid, r in self._ejected.items()
-            if r.until > now and (iid not in live or live[iid].incarnation == r.incarnation)
-        }
-
-    def _prune(self, now: float) -> None:
-        # forget instances that left the view and whose ejection is over (bounded memory)
-        live = self.source.instances
-        for iid in [i for i, r in self._ejected.items() if i not in live and r.until <= now]:
-            del self._ejected[iid]
-        for iid in [i for i, (_, until) in self._suspects.items() if until <= now]:
-            del self._suspects[iid]
+        return self._ejections.ejected(self.clock(), self.source.instances)
 
     # --- in-flight tracking -----------------------------------------------------------------
 

@@ -17,33 +17,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from busreg import constants as c
 from busreg.transport.connections import translate
-from busreg.transport.topology import declare_service_exchange
+from busreg.transport.topology import declare_service_exchange, group_queue_arguments
 from busreg.wire.models import Delta
 
-__all__ = ["DELIVERY_LIMIT", "GroupMessage", "consume_group", "group_queue_arguments"]
+__all__ = ["DELIVERY_LIMIT", "GroupMessage", "consume_group"]
 
-#: Deliveries of one delta before it is dead-lettered (a handler that raises on it).
-DELIVERY_LIMIT = 5
-#: Group backlog bound; past it the oldest deltas are dropped. A group that far behind
-#: should re-read snapshots rather than replay stale history.
-GROUP_QUEUE_MAX = 100_000
-
-
-def group_queue_arguments(namespace: str) -> dict[str, Any]:
-    """Arguments of a group queue (besides ``x-queue-type: quorum``); FastStream apps
-    declaring the same queue must pass exactly these."""
-    return {
-        "x-delivery-limit": DELIVERY_LIMIT,
-        "x-dead-letter-exchange": c.dead_letter_exchange(namespace),
-        "x-max-length": GROUP_QUEUE_MAX,
-        "x-overflow": "drop-head",
-    }
+DELIVERY_LIMIT = c.DELIVERY_LIMIT
 
 
 async def declare_group(
@@ -73,9 +57,13 @@ class GroupMessage:
             await self._message.ack()
 
     async def retry(self) -> None:
-        """Give it back for redelivery (counts towards the delivery limit)."""
+        """Give it back for redelivery (counts towards the delivery limit).
+
+        ``basic.reject``, not ``basic.nack``: from RabbitMQ 4.3 on, a nack with requeue no
+        longer counts towards a quorum queue's delivery limit, so a poison delta would be
+        redelivered for ever."""
         with translate("group requeue"):
-            await self._message.nack(requeue=True)
+            await self._message.reject(requeue=True)
 
 
 @asynccontextmanager

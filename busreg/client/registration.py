@@ -8,170 +8,35 @@ Events go over the RabbitMQ stream protocol (rstream) to partition ``<ns>.ingest
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import math
 import time
-from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from busreg import constants as c
-from busreg.errors import BusregError, ClosedError, PublishFailed
+from busreg.backoff import Backoff, retrying
+from busreg.errors import BusregError, PublishFailed
 from busreg.settings import Settings
-from busreg.transport.connections import connect_amqp, stream_producer, translate, translate_stream
+from busreg.tasks import close_quietly
+from busreg.transport.connections import connect_amqp, translate
+from busreg.transport.streams import StreamWriter
 from busreg.wire.auth import service_key, sign
 from busreg.wire.codec import encode_event
 from busreg.wire.models import Deregister, Heartbeat, InstanceStatus, Register
 from busreg.wire.routing import partition_for
 
-__all__ = ["AmqpWriter", "IngestPublisher", "Registration", "StreamWriter"]
-
-#: Budget of one attempt to connect and declare a publisher. Right after a broker restart a
-#: connect can hang (listener up, stream not yet); a short attempt that fails lets the
-#: next send start a fresh one instead of everyone waiting on a stuck socket.
-WARM_UP_TIMEOUT = 2.0
-
-#: Consecutive unconfirmed sends after which a stream connection is replaced.
-SILENT_LIMIT = 2
+__all__ = ["AmqpWriter", "IngestPublisher", "Registration"]
 
 #: One confirmed-publish attempt of a registration or deregistration; a confirm takes about
 #: a millisecond, so a second without one means the connection is not usable.
 ATTEMPT_TIMEOUT = 1.0
 
+#: Pauses between confirmed-publish attempts of one event (within its deadline).
+PUBLISH_BACKOFF = Backoff(first=0.05, cap=1.0)
+
 log = logging.getLogger("busreg.client")
-
-
-class StreamWriter:
-    """Confirmed sends to streams over one stream-protocol connection, re-created on demand.
-
-    rstream's own recovery waits 1 s plus a random 1-8 s before reconnecting; a registry
-    cannot wait that long (instances would miss their TTL). Instead a connection that failed
-    a send is dropped and a new one is prepared by a warm-up task owned by this writer:
-    connect and declare the stream's publisher once, however many senders are waiting, and
-    without being cancelled by any one sender's (short) timeout.
-    """
-
-    def __init__(self, settings: Settings, name: str) -> None:
-        self._settings = settings
-        self._name = name
-        self._producer: Any = None
-        self._lock = asyncio.Lock()
-        self._closed = False
-        self._ready: set[str] = set()  # streams with a publisher on the current producer
-        self._warmups: dict[str, asyncio.Future[Any]] = {}
-        # rstream creates publishers under its own lock inside a send; declared ahead of
-        # time they need ours (concurrent declarations, even for different streams, race)
-        self._declare_lock = asyncio.Lock()
-        self._silent = 0  # consecutive sends without a confirm
-
-    async def _get(self) -> Any:
-        async with self._lock:
-            if self._closed:
-                raise ClosedError("stream writer is closed")
-            if self._producer is None:
-                self._producer = await stream_producer(
-                    self._settings, self._name, timeout=WARM_UP_TIMEOUT
-                )
-                self._ready = set()
-            return self._producer
-
-    async def _discard(self, producer: Any) -> None:
-        async with self._lock:
-            if self._producer is not producer:
-                return  # another send already replaced it
-            self._producer = None
-            self._ready = set()
-        log.debug("stream writer %s: dropped its connection", self._name)
-        await _close_quietly(producer)
-
-    async def _warm(self, stream: str) -> Any:
-        async with asyncio.timeout(WARM_UP_TIMEOUT):
-            producer = await self._get()
-            try:
-                with translate_stream(f"prepare publisher for {stream}"):
-                    # rstream declares a stream's publisher lazily inside the first send;
-                    # doing it here once keeps concurrent first sends from racing in it
-                    async with self._declare_lock:
-                        await producer._get_or_create_publisher(stream)
-            except BaseException:
-                await self._discard(producer)
-                raise
-        if producer is self._producer:
-            self._ready.add(stream)
-        log.debug("stream writer %s: publisher ready for %s", self._name, stream)
-        return producer
-
-    async def _ready_producer(self, stream: str) -> Any:
-        producer = self._producer
-        if producer is not None and stream in self._ready:
-            return producer
-        warmup = self._warmups.get(stream)
-        if warmup is None or warmup.done():
-            warmup = asyncio.ensure_future(self._warm(stream))
-            # the writer owns this task: its outcome is read by every waiter, and any
-            # failure nobody waited for is logged rather than lost
-            warmup.add_done_callback(_report_warmup)
-            self._warmups[stream] = warmup
-        return await asyncio.shield(warmup)
-
-    async def send(self, stream: str, body: bytes, timeout: float) -> None:
-        """Send once; raise PublishFailed unless the broker confirmed within ``timeout``."""
-        from rstream import RawMessage
-
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        try:
-            async with asyncio.timeout_at(deadline):
-                producer = await self._ready_producer(stream)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    with translate_stream(f"publish to {stream}"):
-                        await producer.send_wait(
-                            stream, RawMessage(body), timeout=max(1, math.ceil(timeout))
-                        )
-                self._silent = 0
-            except TimeoutError:
-                # a publisher that accepts sends but never confirms (seen after a broker
-                # restart, while its stream recovers) must be replaced, not waited on
-                self._silent += 1
-                if self._silent >= SILENT_LIMIT:
-                    self._silent = 0
-                    await self._discard(producer)
-                raise
-            except BusregError:
-                await self._discard(producer)
-                raise
-        except TimeoutError as exc:
-            raise PublishFailed(f"no confirm from {stream} within {timeout}s") from exc
-        except BusregError as exc:
-            if isinstance(exc, PublishFailed | ClosedError):
-                raise
-            raise PublishFailed(str(exc)) from exc
-
-    async def close(self) -> None:
-        async with self._lock:
-            self._closed = True
-            producer, self._producer = self._producer, None
-        for warmup in self._warmups.values():
-            warmup.cancel()
-        if producer is not None:
-            await _close_quietly(producer)
-
-
-def _report_warmup(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.debug("stream publisher warm-up failed: %r", task.exception())
-
-
-async def _close_quietly(producer: Any) -> None:
-    try:
-        async with asyncio.timeout(2):
-            await producer.close()
-    except Exception as exc:  # a dead connection may not close cleanly; nothing to keep
-        log.debug("stream producer close: %r", exc)
 
 
 class AmqpWriter:
@@ -227,8 +92,7 @@ class AmqpWriter:
 
     async def close(self) -> None:
         if self._conn is not None:
-            with contextlib.suppress(Exception):  # closing a dead connection: nothing to keep
-                await self._conn.close()
+            await close_quietly(self._conn.close, "ingest AMQP connection")
 
 
 class IngestPublisher:
@@ -266,19 +130,21 @@ class IngestPublisher:
         deadline passes; the last failure is raised."""
         loop = asyncio.get_running_loop()
         end = loop.time() + deadline
-        delay = 0.05
-        while True:
+
+        async def attempt() -> None:
+            # short attempts: a connection that came back half-ready (stream not yet
+            # available) is dropped and replaced instead of waited on until the deadline
             remaining = end - loop.time()
-            try:
-                # short attempts: a connection that came back half-ready (stream not yet
-                # available) is dropped and replaced instead of waited on until the deadline
-                await self.publish(event, timeout=max(0.2, min(ATTEMPT_TIMEOUT, remaining)))
-                return
-            except PublishFailed:
-                if loop.time() + delay >= end:
-                    raise
-                await asyncio.sleep(delay)  # back-off between publish attempts
-                delay = min(delay * 2, 1.0)
+            await self.publish(event, timeout=max(0.2, min(ATTEMPT_TIMEOUT, remaining)))
+
+        await retrying(
+            attempt,
+            what=f"publish {type(event).__name__.lower()} of {event.service}/{event.instance_id}",
+            log=log,
+            backoff=PUBLISH_BACKOFF,
+            retry_on=(PublishFailed,),
+            deadline=deadline,
+        )
 
 
 class Registration:

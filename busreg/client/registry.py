@@ -24,14 +24,22 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from pydantic import TypeAdapter, ValidationError
 
 from busreg.client.groups import GroupMessage, consume_group
-from busreg.client.registration import AmqpWriter, IngestPublisher, Registration, StreamWriter
+from busreg.client.registration import AmqpWriter, IngestPublisher, Registration
 from busreg.client.rpc import RpcClient
 from busreg.client.view import ServiceView
 from busreg.errors import ClosedError, ConfigurationError
 from busreg.settings import Settings
+from busreg.tasks import close_quietly
 from busreg.transport.connections import connect_amqp, translate
+from busreg.transport.streams import StreamWriter
 from busreg.transport.topology import verify_partitions
-from busreg.wire.models import InstanceStatus, Register, ServiceName, Snapshot
+from busreg.wire.models import (
+    InstanceStatus,
+    Register,
+    ServiceName,
+    Snapshot,
+    validation_message,
+)
 
 __all__ = ["Registry"]
 
@@ -238,8 +246,7 @@ class Registry:
                 yield messages
         finally:
             if not channel.is_closed:
-                with contextlib.suppress(Exception):  # closing a dead channel: nothing to keep
-                    await channel.close()
+                await close_quietly(channel.close, "group channel")
 
     async def warm_up(self, *services: str) -> None:
         """Load the views of ``services`` now (eager loading: the first call does not wait)."""
@@ -258,8 +265,4 @@ def _check_service(name: str) -> None:
 
 
 def _first_error(exc: Exception) -> str:
-    if isinstance(exc, ValidationError):
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        return f"{where}: {err['msg']}" if where else str(err["msg"])
-    return str(exc)
+    return validation_message(exc) if isinstance(exc, ValidationError) else str(exc)

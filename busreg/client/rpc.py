@@ -8,6 +8,7 @@ exclusive reply queue, matched by correlation id.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from typing import Any
 
@@ -16,6 +17,7 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from busreg import constants as c
+from busreg.backoff import Backoff, retrying
 from busreg.errors import BusregError, RequestTimeout
 from busreg.transport.connections import translate
 from busreg.wire.models import Snapshot, SnapshotRequest
@@ -25,6 +27,10 @@ __all__ = ["RpcClient"]
 #: One attempt's wait before the request is sent again (to whichever worker is free). A
 #: snapshot takes about a millisecond; a second means the worker holding it is stuck.
 ATTEMPT_TIMEOUT = 1.0
+#: A request that timed out is resent at once: each attempt already waited its timeout.
+RESEND = Backoff(first=0.0, cap=0.0)
+
+log = logging.getLogger("busreg.client")
 
 
 class RpcClient:
@@ -60,35 +66,45 @@ class RpcClient:
         body = request.model_dump_json().encode()
         deadline = loop.time() + timeout
         cids: list[str] = []
+        queue = self._queue
+
+        async def attempt() -> dict[str, Any]:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError
+            cid = uuid.uuid4().hex
+            cids.append(cid)
+            self._pending[cid] = future
+            wait = min(ATTEMPT_TIMEOUT, remaining)
+            with translate("snapshot request"):
+                await self._channel.default_exchange.publish(
+                    aio_pika.Message(
+                        body,
+                        correlation_id=cid,
+                        reply_to=queue.name,
+                        expiration=wait,
+                        content_type="application/json",
+                    ),
+                    routing_key=c.rpc_queue(self._namespace),
+                )
+            async with asyncio.timeout(wait):
+                return await asyncio.shield(future)
+
         try:
-            while True:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise RequestTimeout(
-                        f"no worker answered within {timeout}s "
-                        f"(is `busreg worker` running for namespace {self._namespace!r}?)"
-                    )
-                cid = uuid.uuid4().hex
-                cids.append(cid)
-                self._pending[cid] = future
-                attempt = min(ATTEMPT_TIMEOUT, remaining)
-                with translate("snapshot request"):
-                    await self._channel.default_exchange.publish(
-                        aio_pika.Message(
-                            body,
-                            correlation_id=cid,
-                            reply_to=self._queue.name,
-                            expiration=attempt,
-                            content_type="application/json",
-                        ),
-                        routing_key=c.rpc_queue(self._namespace),
-                    )
-                try:
-                    async with asyncio.timeout(attempt):
-                        reply = await asyncio.shield(future)
-                    break
-                except TimeoutError:
-                    continue
+            reply = await retrying(
+                attempt,
+                what=f"snapshot request ({request.op})",
+                log=log,
+                backoff=RESEND,
+                retry_on=(TimeoutError,),
+                deadline=timeout,
+                level=logging.DEBUG,  # a resend is routine: a worker was busy or going away
+            )
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no worker answered within {timeout}s "
+                f"(is `busreg worker` running for namespace {self._namespace!r}?)"
+            ) from None
         finally:
             for cid in cids:
                 self._pending.pop(cid, None)

@@ -15,7 +15,6 @@ recovers by snapshot instead of growing without limit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -27,12 +26,14 @@ from aio_pika.abc import (
 )
 from pydantic import ValidationError
 
+from busreg.backoff import Backoff, RetryLog
 from busreg.client.revisions import Change, Outcome, ViewState
 from busreg.client.rpc import RpcClient
 from busreg.errors import BusregError, ClosedError, TopologyMissing
+from busreg.tasks import close_quietly
 from busreg.transport.connections import translate
 from busreg.transport.topology import declare_service_exchange
-from busreg.wire.models import Delta, Instance
+from busreg.wire.models import Delta, Instance, validation_message
 
 __all__ = ["ChangeStream", "ServiceView"]
 
@@ -41,8 +42,9 @@ log = logging.getLogger("busreg.client")
 #: Changes kept for a slow ``changes()`` iterator before the oldest are dropped (the view
 #: itself stays exact; only the iterator's history is bounded).
 CHANGE_BUFFER = 10_000
-#: Pause before re-trying a snapshot read that failed (workers unreachable).
-RESYNC_RETRY = 0.5
+#: Pauses before re-trying a snapshot read that failed (workers unreachable); short, since
+#: the view is stale until it succeeds, and each try is one small request.
+RESYNC_BACKOFF = Backoff(first=0.5, cap=1.0)
 #: Bound on closing a view's channel and queue (best effort).
 CLOSE_TIMEOUT = 3.0
 
@@ -107,6 +109,7 @@ class ServiceView:
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self.resyncs = 0
+        self._failures = RetryLog(log, f"watch {service}")
         self.deltas_applied = 0
 
     # --- public -------------------------------------------------------------------------------
@@ -176,7 +179,7 @@ class ServiceView:
         try:
             delta = Delta.model_validate_json(message.body)
         except ValidationError as exc:
-            log.warning("ignoring malformed delta on %s: %s", self.service, exc.errors()[0]["msg"])
+            log.warning("ignoring malformed delta on %s: %s", self.service, validation_message(exc))
             return
         self._inbox.put_nowait(delta)
 
@@ -224,8 +227,7 @@ class ServiceView:
         if self._queue is not None and not await self._queue_exists(self._queue.name):
             log.info("watch queue of %s vanished; re-binding", self.service)
             if self._channel is not None and not self._channel.is_closed:
-                with contextlib.suppress(Exception):  # a half-dead channel: replace it
-                    await self._channel.close()
+                await close_quietly(self._channel.close, "watch channel")  # half-dead: replace
             self._channel = None
             await self._bind()
         await self.resync()
@@ -241,21 +243,22 @@ class ServiceView:
             return False
         finally:
             if not channel.is_closed:
-                with contextlib.suppress(Exception):  # throwaway channel
-                    await channel.close()
+                await close_quietly(channel.close, "watch check channel")
         return True
 
     async def _safe(self, action: Callable[[], Awaitable[None]]) -> bool:
         try:
             await action()
         except BusregError as exc:
-            log.warning("watch %s: %s (will retry)", self.service, exc)
+            self._failures.failed(exc)  # a streak is logged once
             return False
+        self._failures.recovered()
         return True
 
     def _retry_resync_later(self) -> None:
         # the broker or the workers are not back yet: try again shortly, off the loop
-        asyncio.get_running_loop().call_later(RESYNC_RETRY, self._on_reconnect)
+        delay = RESYNC_BACKOFF.delay(self._failures.failures - 1)
+        asyncio.get_running_loop().call_later(delay, self._on_reconnect)
 
     async def _emit(self, changes: list[Change]) -> None:
         for queue in self._listeners:

@@ -1,7 +1,7 @@
 """FastStream integration: consume a service's deltas in a consumer group.
 
 The short way, ``group_subscriber``: the handler gets each ``Delta``; returning acks it,
-raising gives it back for redelivery (``nack(requeue=True)``, counted by the broker); after
+raising gives it back for redelivery (``reject(requeue=True)``, counted by the broker); after
 ``busreg.client.groups.DELIVERY_LIMIT`` redeliveries (measured on RabbitMQ 3.10: 6 deliveries in
 all for the limit of 5) the broker dead-letters it to ``<ns>.deadletter`` with an
 ``x-death`` header (reason ``delivery_limit``), so one poison delta never blocks the
@@ -55,9 +55,10 @@ from faststream.rabbit.annotations import RabbitMessage
 from pydantic import ValidationError
 
 from busreg import constants as c
-from busreg.client.groups import DELIVERY_LIMIT, group_queue_arguments
+from busreg.constants import DELIVERY_LIMIT
 from busreg.settings import Settings
-from busreg.wire.models import Delta
+from busreg.transport.topology import group_queue_arguments
+from busreg.wire.models import Delta, validation_message
 
 __all__ = ["DELIVERY_LIMIT", "DeltaHandler", "group_subscriber", "group_subscription"]
 
@@ -94,7 +95,7 @@ def group_subscriber(
     title: str | None = None,
 ) -> Callable[[DeltaHandler], DeltaHandler]:
     """Decorator: run the handler for each delta of ``service`` delivered to this member of
-    ``group``, with manual acks (ack after success, nack-requeue on error, bounded by the
+    ``group``, with manual acks (ack after success, reject-requeue on error, bounded by the
     queue's delivery limit, then dead-lettered). ``prefetch`` bounds unacked deltas per
     member (fair dispatch). Returns the handler unchanged (call it directly in tests)."""
     queue, exchange = group_subscription(settings, service, group)
@@ -110,7 +111,7 @@ def group_subscriber(
                     "group %s of %s: not a delta, dead-lettered: %s",
                     group,
                     service,
-                    exc.errors()[0]["msg"],
+                    validation_message(exc),
                 )
                 await message.reject(requeue=False)
                 return
@@ -125,7 +126,8 @@ def group_subscriber(
                     delta.revision,
                     DELIVERY_LIMIT,
                 )
-                await message.nack(requeue=True)
+                # reject, not nack: RabbitMQ 4.3 counts only rejects towards the limit
+                await message.reject(requeue=True)
                 return
             await message.ack()
 

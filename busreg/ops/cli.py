@@ -180,6 +180,7 @@ async def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     from busreg.server.worker import Worker
     from busreg.settings import WorkerSettings
+    from busreg.wire.models import first_error
 
     flags = {
         name: getattr(args, name)
@@ -190,9 +191,9 @@ async def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         try:
             worker_settings = WorkerSettings.model_validate(settings.worker.model_dump() | flags)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            flag = str(err["loc"][0]).replace("_", "-")
-            raise ConfigurationError(f"--{flag}: {err['msg']}") from None
+            where, message = first_error(exc)
+            flag = where.split(".")[0].replace("_", "-")
+            raise ConfigurationError(f"--{flag}: {message}") from None
         settings = settings.model_copy(update={"worker": worker_settings})
     async with Worker(settings, worker_id=args.worker_id) as worker:
         await _until_signal(worker.run, worker.stop)
@@ -303,7 +304,7 @@ def _change_line(change: Change, as_json: bool, reason: str | None = None) -> st
 
 
 async def _cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
-    from busreg.server.worker import cancel_until_done
+    from busreg.tasks import cancel_until_done
     from busreg.wire.models import DeltaKind
 
     stop = asyncio.Event()

@@ -13,33 +13,46 @@ its ``busreg register`` subprocess) and the worker owning inventory's partition,
 
 It ends by itself after ``--duration`` seconds and removes everything it started:
 processes, the namespace's streams, queues and exchanges, and its Redis keys.
+
+This module is the story and its measurements; the screen is ``demo_board``'s and the
+subprocesses are ``demo_procs``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import signal
 import sys
 import tempfile
 import time
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO
+from typing import Any, TextIO
 
 from busreg import constants as c
 from busreg.callers.balancer import RoundRobin
 from busreg.client.registry import Registry
-from busreg.client.view import ServiceView
-from busreg.errors import BusregError, ConfigurationError, InvalidEvent, NoInstanceAvailable
+from busreg.errors import BusregError, ConfigurationError, InvalidEvent
 from busreg.ops.admin import delete_namespace
+from busreg.ops.demo_board import (
+    CALLEE,
+    CALLER,
+    VICTIM,
+    Board,
+    board_summary,
+    draw,
+    follow_view,
+    make_calls,
+    poll_registry,
+    render_board,
+)
+from busreg.ops.demo_procs import Child, Children, child_env
 from busreg.server.store import PartitionStore
 from busreg.settings import Settings
+from busreg.tasks import close_quietly
 from busreg.transport.connections import (
     connect_amqp,
     connect_redis,
@@ -48,279 +61,22 @@ from busreg.transport.connections import (
 )
 from busreg.transport.topology import apply_topology
 from busreg.wire.codec import decode_ingest
-from busreg.wire.models import DeltaKind, Heartbeat, Instance, Register
+from busreg.wire.models import Heartbeat, Register
 from busreg.wire.routing import partition_for
 
 __all__ = ["run_demo"]
 
-CALLER = "cart"
-CALLEE = "inventory"
-VICTIM = "inventory-3"
-#: Calls per second the simulated cart makes to inventory.
-CALL_RATE = 10.0
 #: Seconds the demo needs beyond TTL and lease TTLs: start-up, a calm moment, margins.
 BASE_DURATION = 6.0
 #: Bound on the story beyond ``--duration`` (only a hung broker or Redis call needs it).
 STORY_GRACE = 20.0
 #: Bound on deleting the namespace at the end.
 CLEANUP_TIMEOUT = 30.0
-#: Envs that must not reach the demo's workers (two of them share the host).
-_CHILD_ENV_DROP = frozenset({"WORKER__METRICS_PORT", "WORKER__METRICS_HOST", "WORKER__WORKER_ID"})
 
 
 def min_duration(settings: Settings) -> float:
     """Shortest ``--duration`` that leaves room for both crashes to be measured."""
     return BASE_DURATION + settings.client.ttl + 2 * settings.worker.lease_ttl
-
-
-# --- subprocesses --------------------------------------------------------------------------------
-
-
-@dataclass
-class _Child:
-    name: str
-    proc: asyncio.subprocess.Process
-    log_path: Path
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.returncode is None
-
-    def tail(self, lines: int = 8) -> str:
-        try:
-            return "".join(self.log_path.read_text(errors="replace").splitlines(True)[-lines:])
-        except OSError:
-            return ""
-
-
-class _Children:
-    """The demo's subprocesses; ``close()`` ends whatever is still running."""
-
-    def __init__(self, env: dict[str, str], logdir: Path) -> None:
-        self._env = env
-        self._logdir = logdir
-        self.all: list[_Child] = []
-
-    async def spawn(self, name: str, *args: str) -> _Child:
-        log_path = self._logdir / f"{name}.log"
-        with _log_file(log_path) as logf:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "busreg",
-                "--log-level",
-                "WARNING",
-                *args,
-                env=self._env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=logf,
-                stderr=asyncio.subprocess.STDOUT,
-            )
-        child = _Child(name, proc, log_path)
-        self.all.append(child)
-        return child
-
-    async def kill(self, child: _Child) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            child.proc.kill()
-        await child.proc.wait()
-
-    async def close(self) -> None:
-        """SIGTERM every child still running (workers hand over), SIGKILL after 10 s."""
-        running = [ch for ch in self.all if ch.alive]
-        for ch in running:
-            with contextlib.suppress(ProcessLookupError):
-                ch.proc.terminate()
-        for ch in running:
-            try:
-                async with asyncio.timeout(10):
-                    await ch.proc.wait()
-            except TimeoutError:
-                await self.kill(ch)
-
-    def crashed(self) -> list[_Child]:
-        return [ch for ch in self.all if ch.proc.returncode not in (None, 0, -signal.SIGKILL)]
-
-
-def _log_file(path: Path) -> BinaryIO:
-    return path.open("wb")  # a local file: opening it does not block the loop noticeably
-
-
-def _child_env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("BUSREG_")}
-    env.update(settings.to_env(exclude=_CHILD_ENV_DROP), PYTHONUNBUFFERED="1")
-    return env
-
-
-# --- what the screen shows -----------------------------------------------------------------------
-
-
-@dataclass
-class _Board:
-    settings: Settings
-    duration: float
-    started: float = field(default_factory=time.monotonic)
-    live: list[str] = field(default_factory=list)
-    owners: dict[int, str | None] = field(default_factory=dict)
-    registry: dict[str, tuple[int, list[Instance]]] = field(default_factory=dict)
-    registry_error: str | None = None
-    view: ServiceView | None = None
-    balancer: RoundRobin | None = None
-    calls: dict[str, list[int]] = field(default_factory=dict)
-    unavailable: int = 0
-    dead: set[str] = field(default_factory=set)
-    events: deque[str] = field(default_factory=lambda: deque(maxlen=9))
-    removed_at: float | None = None  # wall clock: the caller's view removed the victim
-    detection: float | None = None
-    takeover: float | None = None
-    lines: list[str] = field(default_factory=list)  # the measured figures
-
-    def t(self) -> float:
-        return time.monotonic() - self.started
-
-    def event(self, text: str, out: TextIO | None = None) -> None:
-        line = f"t+{self.t():5.1f}s  {text}"
-        self.events.append(line)
-        if out is not None:  # plain output: events as they happen
-            print(line, file=out, flush=True)
-
-
-def _render(board: _Board) -> str:
-    s = board.settings
-    lines = [
-        f"busreg demo  namespace {s.namespace}  {s.partitions} partitions  "
-        f"TTL {s.client.ttl:g}s  heartbeat {s.client.heartbeat_interval:g}s  "
-        f"lease {s.worker.lease_ttl:g}s        t+{board.t():4.1f}s of {board.duration:g}s",
-        "",
-        "WORKERS (partition leases in Redis)",
-    ]
-    holders = sorted({w for w in board.owners.values() if w} | set(board.live))
-    for w in holders:
-        parts = [str(k) for k, o in sorted(board.owners.items()) if o == w]
-        state = "live" if w in board.live else "gone"
-        lines.append(f"  {w:<12} {state:<5} partitions {' '.join(parts) or '-'}")
-    free = [str(k) for k, o in sorted(board.owners.items()) if o is None]
-    if free:
-        lines.append(f"  {'(unowned)':<12} {'':<5} partitions {' '.join(free)}")
-    lines += ["", "REGISTRY (instance tables the workers keep in Redis)"]
-    if board.registry_error:
-        lines.append(f"  (not readable: {board.registry_error})")
-    for service, (revision, instances) in sorted(board.registry.items()):
-        names = ", ".join(i.instance_id for i in instances) or "-"
-        lines.append(f"  {service:<10} rev {revision:<4} {len(instances)} up: {names}")
-    lines += ["", f"CALLER ({CALLER}'s live view of {CALLEE}, round robin, {CALL_RATE:g} calls/s)"]
-    if board.view is not None and board.balancer is not None:
-        ejected = board.balancer.ejected()
-        lines.append(f"  view at rev {board.view.revision}")
-        lines.append(f"  {'INSTANCE':<13} {'ADDRESS':<16} {'CALLS OK':>8} {'FAILED':>7}  NOTE")
-        ids = sorted(set(board.view.instances) | set(board.calls))
-        for iid in ids:
-            inst = board.view.instances.get(iid)
-            ok, failed = board.calls.get(iid, [0, 0])
-            note = "not in view" if inst is None else ""
-            if iid in ejected:
-                note = (note + " ejected locally").strip()
-            if iid in board.dead:
-                note = (note + " (process killed)").strip()
-            address = inst.address if inst is not None else "-"
-            lines.append(f"  {iid:<13} {address:<16} {ok:>8} {failed:>7}  {note}")
-        if board.unavailable:
-            lines.append(f"  no instance available: {board.unavailable} calls")
-    lines += ["", "EVENTS", *board.events]
-    if board.lines:
-        lines += ["", *board.lines]
-    return "\n".join(lines)
-
-
-def _summary(board: _Board) -> str:
-    """One line for plain (non-terminal) output."""
-    reg = " ".join(
-        f"{svc}={len(inst)}@rev{rev}" for svc, (rev, inst) in sorted(board.registry.items())
-    )
-    owned: dict[str, int] = {}
-    for o in board.owners.values():
-        owned[o or "unowned"] = owned.get(o or "unowned", 0) + 1
-    view = "-"
-    if board.view is not None:
-        view = f"rev{board.view.revision} [{', '.join(sorted(board.view.instances))}]"
-    workers = " ".join(f"{w}:{n}" for w, n in sorted(owned.items()))
-    return (
-        f"t+{board.t():5.1f}s  registry {reg or '-'} | {CALLER} sees {CALLEE} {view} | "
-        f"partitions {workers or '-'}"
-    )
-
-
-# --- background activities -----------------------------------------------------------------------
-
-
-async def _poll_registry(board: _Board, store: PartitionStore) -> None:
-    """What the registry holds, read straight from Redis (as the workers wrote it)."""
-    s = board.settings
-    while True:
-        try:
-            _, board.live = await store.heartbeat_worker("", 0)
-            for k in range(s.partitions):
-                holder = await store.owner(k)
-                board.owners[k] = holder.split("|", 1)[0] if holder else None
-            for service in (CALLEE, CALLER):
-                rows = await store.snapshot(partition_for(service, s.partitions), service)
-                board.registry[service] = (rows.revision, rows.instances)
-            board.registry_error = None
-        except BusregError as exc:
-            board.registry_error = str(exc)
-        await asyncio.sleep(0.2)
-
-
-async def _follow(
-    board: _Board, view: ServiceView, removed: asyncio.Event, out: TextIO | None
-) -> None:
-    """The caller's view, change by change; notes when the victim's removal arrives."""
-    async for change in view.changes():
-        why = f" ({change.reason})" if change.reason else ""
-        board.event(
-            f"{CALLER}'s view: {change.instance_id} {change.kind.value}{why}, "
-            f"rev {change.revision}",
-            out,
-        )
-        if change.kind is DeltaKind.REMOVED and change.instance_id == VICTIM:
-            board.removed_at = time.time()
-            removed.set()
-
-
-async def _call(board: _Board, balancer: RoundRobin, out: TextIO | None) -> None:
-    """Simulated calls: a killed process refuses connections, so the caller ejects it
-    locally at its first failure, before the registry has expired it."""
-    while True:
-        try:
-            inst = balancer.choose()
-        except NoInstanceAvailable:
-            board.unavailable += 1
-        else:
-            row = board.calls.setdefault(inst.instance_id, [0, 0])
-            if inst.instance_id in board.dead:
-                row[1] += 1
-                until = balancer.eject(inst) - balancer.clock()
-                if row[1] == 1:
-                    board.event(
-                        f"{CALLER}: call to {inst.instance_id} refused; ejected locally for "
-                        f"{until:.0f}s (the registry still lists it)",
-                        out,
-                    )
-            else:
-                row[0] += 1
-                balancer.record_success(inst)
-        await asyncio.sleep(1 / CALL_RATE)
-
-
-async def _draw(board: _Board, out: TextIO, tty: bool) -> None:
-    while True:
-        if tty:
-            out.write("\x1b[H\x1b[2J" + _render(board) + "\n")
-            out.flush()
-            await asyncio.sleep(0.25)
-        else:
-            await asyncio.sleep(2.0)
-            print(_summary(board), file=out, flush=True)
 
 
 # --- measurements --------------------------------------------------------------------------------
@@ -361,8 +117,7 @@ async def _last_heartbeat(settings: Settings, instance_id: str, since: float) ->
                     await caught_up.wait()
             await consumer.unsubscribe(sid)
     finally:
-        with contextlib.suppress(Exception):  # a probe's consumer: closing is best effort
-            await consumer.close()
+        await close_quietly(consumer.close, "demo probe consumer")
     return max(newest) / 1000 if newest else None
 
 
@@ -404,7 +159,7 @@ async def run_demo(settings: Settings, *, duration: float = 30.0, out: TextIO | 
     if settings.partitions < 2:
         raise ConfigurationError("the demo needs at least 2 partitions (two workers share them)")
     settings = settings.model_copy(update={"namespace": f"demo-{uuid.uuid4().hex[:8]}"})
-    board = _Board(settings, duration)
+    board = Board(settings, duration)
     tty = out.isatty()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -414,7 +169,7 @@ async def run_demo(settings: Settings, *, duration: float = 30.0, out: TextIO | 
             loop.add_signal_handler(sig, stop.set)
             signals.append(sig)
     logdir = Path(tempfile.mkdtemp(prefix="busreg-demo-"))
-    children = _Children(_child_env(settings), logdir)
+    children = Children(child_env(settings), logdir)
     ok = False
     print(
         f"busreg demo: namespace {settings.namespace} on {_where(settings)}; ends in {duration:g}s",
@@ -471,9 +226,9 @@ def _where(settings: Settings) -> str:
 
 
 async def _story(
-    board: _Board,
+    board: Board,
     store: PartitionStore,
-    children: _Children,
+    children: Children,
     stop: asyncio.Event,
     out: TextIO,
     tty: bool,
@@ -526,10 +281,10 @@ async def _story(
         removed = asyncio.Event()
         async with asyncio.TaskGroup() as tg:
             tasks = [
-                tg.create_task(_follow(board, view, removed, plain)),
-                tg.create_task(_poll_registry(board, store)),
-                tg.create_task(_call(board, balancer, plain)),
-                tg.create_task(_draw(board, out, tty)),
+                tg.create_task(follow_view(board, view, removed, plain)),
+                tg.create_task(poll_registry(board, store)),
+                tg.create_task(make_calls(board, balancer, plain)),
+                tg.create_task(draw(board, out, tty)),
             ]
             try:
                 return await _crashes(
@@ -537,17 +292,17 @@ async def _story(
                 )
             finally:
                 if tty:  # the final picture, figures included
-                    out.write("\x1b[H\x1b[2J" + _render(board) + "\n")
+                    out.write("\x1b[H\x1b[2J" + render_board(board) + "\n")
                 for task in tasks:
                     task.cancel()
 
 
 async def _crashes(
-    board: _Board,
+    board: Board,
     store: PartitionStore,
-    children: _Children,
-    victim: _Child,
-    workers: list[_Child],
+    children: Children,
+    victim: Child,
+    workers: list[Child],
     removed: asyncio.Event,
     stop: asyncio.Event,
     deadline: float,
@@ -633,12 +388,12 @@ async def _crashes(
     # 3. the caller keeps working on what is left until the end
     await _until(stop, deadline)
     if plain is not None:
-        print(_summary(board), file=plain)
+        print(board_summary(board), file=plain)
         for line in board.lines:
             print(line, file=plain, flush=True)
     return board.detection is not None and board.takeover is not None
 
 
-def _failed(what: str, children: list[_Child]) -> str:
+def _failed(what: str, children: list[Child]) -> str:
     tails = "\n".join(f"--- {ch.name}:\n{ch.tail()}" for ch in children)
     return f"demo failed: {what}\n{tails}"

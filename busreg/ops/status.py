@@ -8,54 +8,15 @@ consumed event was written to the stream).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
-from busreg import constants as c
 from busreg.server.store import PartitionStore
 from busreg.settings import Settings
-from busreg.transport.connections import connect_redis, stream_consumer, translate_stream
+from busreg.transport.connections import connect_redis
+from busreg.transport.streams import stream_heads
 
-__all__ = ["collect_status", "render_status", "stream_heads"]
-
-
-async def stream_heads(settings: Settings, timeout: float = 1.0) -> dict[int, int]:
-    """Offset of the newest message of each ingest partition (-1 if empty)."""
-    from rstream import ConsumerOffsetSpecification, OffsetType
-
-    consumer = await stream_consumer(settings, "busreg-status")
-    heads: dict[int, int] = {}
-    try:
-        for k in range(settings.partitions):
-            stream = c.ingest_partition(settings.namespace, k)
-            seen = asyncio.Event()
-            newest = [-1]
-
-            async def on_message(
-                _body: bytes, ctx: Any, newest: list[int] = newest, seen: asyncio.Event = seen
-            ) -> None:
-                newest[0] = max(newest[0], ctx.offset)
-                seen.set()
-
-            with translate_stream(f"peek {stream}"):
-                sid = await consumer.subscribe(
-                    stream,
-                    on_message,
-                    offset_specification=ConsumerOffsetSpecification(OffsetType.LAST, None),
-                )
-                try:
-                    async with asyncio.timeout(timeout):
-                        await seen.wait()
-                    # the last chunk arrives in one frame; give its remaining messages a beat
-                    await asyncio.sleep(0.01)
-                except TimeoutError:
-                    pass  # empty stream
-                await consumer.unsubscribe(sid)
-            heads[k] = newest[0]
-    finally:
-        await consumer.close()
-    return heads
+__all__ = ["collect_status", "render_status"]
 
 
 async def collect_status(settings: Settings) -> dict[str, Any]:
@@ -65,7 +26,7 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
         # offsets first, stream heads after: a head read later is never behind its offset
         rows: list[dict[str, Any]] = []
         for k in range(settings.partitions):
-            now_ms, live = await store.heartbeat_worker("", 0)  # Redis' clock, now
+            now_ms, live = await store.live_workers()  # Redis' clock, now; read only
             state = await store.partition_state(k)
             holder = await store.owner(k)
             services = await store.services(k)

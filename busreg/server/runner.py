@@ -17,7 +17,6 @@ import base64
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
@@ -26,43 +25,30 @@ import orjson
 from aio_pika.abc import AbstractChannel
 
 from busreg import constants as c
-from busreg.client.registration import StreamWriter
+from busreg.backoff import Backoff, retrying
 from busreg.errors import BusregError, Fenced, InvalidEvent, PublishFailed
+from busreg.server.stats import PartitionStats
 from busreg.server.store import ApplyResult, Lease, PartitionStore
 from busreg.settings import Settings
 from busreg.transport.connections import translate, translate_stream
+from busreg.transport.streams import StreamWriter
 from busreg.transport.topology import declare_service_exchange
 from busreg.wire.auth import Authorizer
 from busreg.wire.codec import UNAUTHORISED, WRONG_PARTITION, decode_ingest, encode_stored
 from busreg.wire.models import Deregister, Tick
 from busreg.wire.routing import partition_for
 
-__all__ = ["PartitionRunner", "PartitionStats"]
+__all__ = ["PartitionRunner"]
 
 log = logging.getLogger("busreg.worker")
 T = TypeVar("T")
 
 SEP = c.FIELD_SEPARATOR
-#: Dead letters keep at most this much of the original message (operators need the start
-#: of a bad message to see what sent it, not a megabyte of it in Redis).
-DEAD_LETTER_BODY_MAX = 64 * 1024
-
-
-@dataclass
-class PartitionStats:
-    """Counters of one runner, read by ``busreg status`` and the metrics endpoint."""
-
-    applied: int = 0
-    stale: int = 0
-    replayed: int = 0
-    expired: int = 0
-    dead_lettered: int = 0
-    dead_by_reason: dict[str, int] = field(default_factory=dict)
-    published: int = 0
-    batches: int = 0
-    offset: int = -1
-    outbox: int = 0
-    started: float = field(default_factory=time.monotonic)
+#: Dead letters keep at most this much of the original message: enough to see what sent it.
+#: The whole message stays in the retained stream at (stream, offset); copying it into the
+#: Redis outbox would let a flood of garbage fill a noeviction Redis (64 KiB became ~87 KB
+#: of base64 per bad message).
+DEAD_LETTER_BODY_MAX = 512
 
 
 class PartitionRunner:
@@ -270,7 +256,10 @@ class PartitionRunner:
                 pending, inflight = inflight, None
                 result = await pending
                 self._record(result)
-                if result.changes:
+                if result.outbox:
+                    # whenever entries wait, not only when this batch added some: a
+                    # replayed batch after a takeover commits nothing new, yet the previous
+                    # owner's entries may still be there
                     self._outbox_wake.set()
 
         try:
@@ -313,18 +302,15 @@ class PartitionRunner:
         Retrying is exact everywhere it is used: an uncommitted batch is applied again (the
         script skips offsets it already has, should the first attempt have landed), outbox
         entries stay until confirmed, and a duplicate delta is dropped by subscribers."""
-        delay = 0.05
-        while True:
-            if self._failure is not None:
-                raise self._failure
-            try:
-                return await action()
-            except Fenced:
-                raise
-            except BusregError as exc:
-                log.warning("partition=%d %s failed (%s); retrying", self.partition, what, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, max_delay)
+        return await retrying(
+            action,
+            what=f"partition={self.partition} {what}",
+            log=log,
+            backoff=Backoff(first=0.05, cap=max_delay),
+            retry_on=(BusregError,),
+            fatal=(Fenced,),
+            stop=lambda: self._failure,
+        )
 
     def _record(self, result: ApplyResult) -> None:
         s = self.stats
@@ -384,33 +370,32 @@ class PartitionRunner:
                 raise BusregError("broker nacked a delta publish")
         self.stats.published += len(entries)
 
-    async def _outbox_step(self, done: int) -> list[bytes]:
+    async def _outbox_step(self, confirmed_upto: int) -> tuple[int, list[bytes]]:
         batch = self.settings.worker.outbox_batch
         return await self._retrying(
-            "outbox read", lambda: self.store.outbox_step(self.lease, done, batch)
+            "outbox read", lambda: self.store.outbox_step(self.lease, confirmed_upto, batch)
         )
 
     async def _drain_once_all(self) -> None:
-        done = 0
+        upto = -1
         while True:
-            entries = await self._outbox_step(done)
+            base, entries = await self._outbox_step(upto)
             if not entries:
                 return
             await self._publish_with_retry(entries)
-            done = len(entries)
+            upto = base + len(entries)
 
     async def _publish_with_retry(self, entries: list[bytes]) -> None:
         await self._retrying("delta publish", lambda: self._publish(entries), max_delay=2.0)
 
     async def _drain_loop(self) -> None:
-        done = 0
+        upto = -1
         while True:
             self._outbox_wake.clear()
-            entries = await self._outbox_step(done)
-            done = 0
+            base, entries = await self._outbox_step(upto)
             if entries:
                 await self._publish_with_retry(entries)
-                done = len(entries)
+                upto = base + len(entries)
                 continue
             if self._applied_all.is_set() or self._failure is not None:
                 return

@@ -7,6 +7,8 @@ and runs atomically, so state, offset and outbox never disagree (invariants 1 an
 from __future__ import annotations
 
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
@@ -81,7 +83,9 @@ class PartitionStore:
         self._services: AsyncScript = redis.register_script(_script("services"))
         self._workers: AsyncScript = redis.register_script(_script("workers"))
         self._leave: AsyncScript = redis.register_script(_script("leave"))
-        self._workers_key = c.cluster_key_prefix(namespace) + "workers"
+        self._workers_key = c.cluster_key_prefix(namespace) + c.KEY_WORKERS
+        #: called with (events, seconds) after each committed apply batch (worker metrics)
+        self.observe_apply: Callable[[int, float], None] | None = None
 
     def prefix(self, partition: int) -> str:
         return c.partition_key_prefix(self.namespace, partition)
@@ -91,7 +95,8 @@ class PartitionStore:
     async def acquire(self, partition: int, worker: str, lease_ms: int) -> Lease | None:
         with translate(f"acquire partition {partition}"):
             res = await self._acquire(
-                keys=[self.prefix(partition)], args=[worker, lease_ms, secrets.token_hex(6)]
+                keys=[self.prefix(partition)],
+                args=[worker, lease_ms, secrets.token_hex(6), secrets.token_hex(4)],
             )
         if int(res[0]) != 1:
             return None
@@ -115,10 +120,19 @@ class PartitionStore:
         return None if value is None else _s(value)
 
     async def heartbeat_worker(self, worker: str, ttl_ms: int) -> tuple[int, list[str]]:
-        """Refresh ``worker`` in the live set ('' only reads); returns (Redis ms, live ids)."""
+        """Refresh ``worker`` in the live set and drop expired members; returns (Redis ms,
+        live ids). Writes: readers use ``live_workers``."""
         with translate("worker membership"):
             res = await self._workers(keys=[self._workers_key], args=[worker, ttl_ms])
         return int(res[0]), sorted(_s(w) for w in res[1])
+
+    async def live_workers(self) -> tuple[int, list[str]]:
+        """(Redis ms, live worker ids), read only: for operators with read-only access."""
+        with translate("read worker membership"):
+            seconds, micros = await self.redis.time()
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            ids = await self.redis.zrangebyscore(self._workers_key, f"({now_ms}", "+inf")
+        return now_ms, sorted(_s(w) for w in ids)
 
     async def leave(self, worker: str) -> None:
         with translate("worker membership"):
@@ -137,6 +151,7 @@ class PartitionStore:
     ) -> ApplyResult:
         """Apply ``count`` encoded events (8 args each, see apply.lua); raises Fenced."""
         exchange_prefix = c.service_exchange(self.namespace, "")
+        started = time.perf_counter()
         with translate(f"apply batch to partition {lease.partition}"):
             res = await self._apply(
                 keys=[self.prefix(lease.partition)],
@@ -145,14 +160,21 @@ class PartitionStore:
                     *args,
                 ],
             )
+        if self.observe_apply is not None:
+            self.observe_apply(count, time.perf_counter() - started)
         return ApplyResult(*(int(x) for x in res))
 
-    async def outbox_step(self, lease: Lease, done: int, limit: int) -> list[bytes]:
+    async def outbox_step(
+        self, lease: Lease, confirmed_upto: int, limit: int
+    ) -> tuple[int, list[bytes]]:
+        """Drop the entries numbered below ``confirmed_upto`` (-1: drop none) and return
+        ``(number of the first entry returned, up to limit entries)``. Idempotent: the
+        same call twice trims once (see outbox.lua); raises Fenced."""
         with translate(f"outbox of partition {lease.partition}"):
             res = await self._outbox(
-                keys=[self.prefix(lease.partition)], args=[lease.token, done, limit]
+                keys=[self.prefix(lease.partition)], args=[lease.token, confirmed_upto, limit]
             )
-        return list(res)
+        return int(res[0]), list(res[1:])
 
     # --- reads (any worker, any time) -------------------------------------------------------
 

@@ -19,32 +19,29 @@ apply and publish what was read within ``drain_timeout``, release leases, then c
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Self
 
-import aio_pika
-import orjson
 import redis.asyncio as aioredis
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
-from pydantic import ValidationError
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
-from busreg import constants as c
-from busreg.client.registration import StreamWriter
+from busreg.backoff import Backoff
 from busreg.errors import BusregError, ClosedError, ConnectionFailed, Fenced
-from busreg.server.metrics import ApplyTimedStore, MetricsServer, add_stats, worker_metrics_server
-from busreg.server.runner import PartitionRunner, PartitionStats
+from busreg.server.assignment import assigned
+from busreg.server.metrics import WorkerMetrics
+from busreg.server.rpc_server import RpcServer
+from busreg.server.runner import PartitionRunner
+from busreg.server.stats import PartitionStats, WorkerStatus
 from busreg.server.store import PartitionStore
 from busreg.settings import Settings
+from busreg.tasks import cancel_until_done, close_quietly
 from busreg.transport.connections import connect_amqp, connect_redis, stream_consumer, translate
-from busreg.transport.topology import RPC_MESSAGE_TTL_MS, verify_partitions
-from busreg.wire.models import Snapshot, SnapshotRequest
-from busreg.wire.routing import partition_for
+from busreg.transport.streams import StreamWriter
+from busreg.transport.topology import verify_partitions
 
 __all__ = ["Worker", "WorkerStatus"]
 
@@ -56,25 +53,9 @@ log = logging.getLogger("busreg.worker")
 CONTROL_INTERVAL = 0.1
 
 
-@dataclass(frozen=True)
-class WorkerStatus:
-    worker_id: str
-    live_workers: list[str]
-    owned: dict[int, PartitionStats]
-
-
-async def cancel_until_done(tasks: Collection[asyncio.Task[Any]]) -> None:
-    """Cancel ``tasks`` and wait for them, cancelling again any that is still running.
-
-    Why again: on Python 3.11, ``asyncio.wait_for`` (which redis-py and aio-pika use inside
-    every call) swallows a cancellation that arrives as its inner future completes
-    (CPython gh-86296, fixed in 3.12), and the task runs on. Seen here as a task looping
-    for ever after one ``cancel()``."""
-    pending = {t for t in tasks if not t.done()}
-    while pending:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.5)
+#: Pauses before a worker tries again a partition that failed (broker down, stream missing),
+#: so a persistent fault does not become a tight failure loop.
+PARTITION_BACKOFF = Backoff(first=0.2, cap=2.0)
 
 
 class _Owned:
@@ -108,14 +89,14 @@ class Worker:
         self._ticks: StreamWriter | None = None
         self._publish_channel: AbstractChannel | None = None
         self.store: PartitionStore | None = None
-        self.snapshot_requests = 0
         #: counters of this worker's finished partition runners (metrics stay monotonic
         #: across handovers)
         self._retired: dict[int, PartitionStats] = {}
-        self.metrics: MetricsServer | None = None
+        self.metrics: WorkerMetrics | None = None
+        self._rpc: RpcServer | None = None
         self._ownership = asyncio.Condition()
-        # partition -> (monotonic time before which we do not retry it, current back-off)
-        self._backoff: dict[int, tuple[float, float]] = {}
+        # partition -> (monotonic time before which we do not retry it, failures so far)
+        self._backoff: dict[int, tuple[float, int]] = {}
 
     async def __aenter__(self) -> Self:
         if self._closed or self._opened:
@@ -123,14 +104,15 @@ class Worker:
         self._opened = True
         try:
             self._redis = await connect_redis(self.settings)
-            # the store observes each apply batch's size and latency (busreg.server.metrics)
-            self.store = ApplyTimedStore(self._redis, self.settings.namespace)
+            self.store = PartitionStore(self._redis, self.settings.namespace)
             self._amqp = await connect_amqp(self.settings, f"busreg-worker {self.worker_id}")
             await verify_partitions(self._amqp, self.settings)
             with translate("open publish channel"):
                 self._publish_channel = await self._amqp.channel(publisher_confirms=True)
+            self._rpc = RpcServer(self.settings, self.store, self._amqp, self._publish_channel)
             # fail at start, with one clear error, if the stream port is unreachable
-            await _close_quietly(await stream_consumer(self.settings, "busreg-worker-probe"))
+            probe = await stream_consumer(self.settings, "busreg-worker-probe")
+            await close_quietly(probe.close, "stream probe")
             self._ticks = StreamWriter(self.settings, f"busreg-ticks-{self.worker_id}")
         except BaseException:
             await self._close()
@@ -142,18 +124,12 @@ class Worker:
 
     async def _close(self) -> None:
         self._closed = True
-        for closer in (
-            (self._ticks.close if self._ticks is not None else None),
-            (self._amqp.close if self._amqp is not None else None),
-            (self._redis.aclose if self._redis is not None else None),
-        ):
-            if closer is None:
-                continue
-            try:
-                async with asyncio.timeout(5):
-                    await closer()
-            except Exception as exc:  # closing is best effort; report, do not mask
-                log.debug("close failed: %r", exc)
+        if self._ticks is not None:
+            await close_quietly(self._ticks.close, "tick writer")
+        if self._amqp is not None:
+            await close_quietly(self._amqp.close, "worker AMQP connection")
+        if self._redis is not None:
+            await close_quietly(self._redis.aclose, "worker Redis connection")
 
     async def _on_stream_closed(self, info: Any) -> None:
         # rstream does not resubscribe by itself (and must not: it would resume from its own
@@ -180,6 +156,11 @@ class Worker:
         async with self._ownership:
             self._ownership.notify_all()
 
+    @property
+    def snapshot_requests(self) -> int:
+        """Snapshot and service-list requests this worker answered."""
+        return 0 if self._rpc is None else self._rpc.requests
+
     def status(self) -> WorkerStatus:
         return WorkerStatus(
             self.worker_id, list(self._live), {k: o.runner.stats for k, o in self._owned.items()}
@@ -190,7 +171,7 @@ class Worker:
         return dict(self._retired)
 
     def _retire(self, runner: PartitionRunner) -> None:
-        add_stats(self._retired.setdefault(runner.partition, PartitionStats()), runner.stats)
+        self._retired.setdefault(runner.partition, PartitionStats()).add(runner.stats)
 
     # --- main -------------------------------------------------------------------------------
 
@@ -210,7 +191,9 @@ class Worker:
             self.settings.partitions,
         )
         if self.settings.worker.metrics_port is not None:
-            self.metrics = worker_metrics_server(self)
+            assert self.store is not None
+            self.metrics = WorkerMetrics(self)
+            self.store.observe_apply = self.metrics.observe_apply
             await self.metrics.start()  # a busy port fails here, before any work
             log.info(
                 "metrics on http://%s:%d/metrics worker=%s",
@@ -226,14 +209,10 @@ class Worker:
         log.info("worker stopped worker=%s", self.worker_id)
 
     async def _serve(self) -> None:
+        assert self._rpc is not None
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
-            rpc = tg.create_task(self._serve_rpc(), name="rpc")
-            metrics = (
-                tg.create_task(self.metrics.serve(), name="metrics")
-                if self.metrics is not None
-                else None
-            )
+            rpc = tg.create_task(self._rpc.serve(), name="rpc")
             await self._control_loop()
             # phase 1: stop taking work; others may take our partitions once released
             try:
@@ -250,7 +229,7 @@ class Worker:
                 for task in pending:
                     log.warning("drain deadline passed; cancelling %s", task.get_name())
                 await cancel_until_done(pending)
-            await cancel_until_done([rpc] if metrics is None else [rpc, metrics])
+            await cancel_until_done([rpc])
 
     async def _control_loop(self) -> None:
         assert self.store is not None
@@ -287,7 +266,7 @@ class Worker:
                         owned.task.cancel()
                 now = time.monotonic()
                 for k in sorted(mine - self._owned.keys()):
-                    if self._backoff.get(k, (0.0, 0.0))[0] <= now:
+                    if self._backoff.get(k, (0.0, 0))[0] <= now:
                         await self._try_acquire(k, lease_ms)
             except BusregError as exc:
                 log.warning("control loop: %s", exc)
@@ -298,10 +277,7 @@ class Worker:
                 pass
 
     def _assigned(self) -> set[int]:
-        live = self._live or [self.worker_id]
-        if self.worker_id not in live:
-            return set()
-        return {k for k in range(self.settings.partitions) if live[k % len(live)] == self.worker_id}
+        return assigned(self._live, self.worker_id, self.settings.partitions)
 
     async def _renew_all(self, lease_ms: int) -> None:
         assert self.store is not None
@@ -358,10 +334,9 @@ class Worker:
         await self._ownership_changed()
 
     def _back_off(self, k: int, exc: BusregError) -> None:
-        # we retry a failed partition only after a growing pause, so a persistent fault
-        # (broker down, stream missing) does not become a tight failure loop
-        delay = min(max(self._backoff.get(k, (0.0, 0.0))[1] * 2, 0.2), 2.0)
-        self._backoff[k] = (time.monotonic() + delay, delay)
+        failures = self._backoff.get(k, (0.0, 0))[1]
+        delay = PARTITION_BACKOFF.delay(failures)
+        self._backoff[k] = (time.monotonic() + delay, failures + 1)
         log.error(
             "partition failed partition=%d worker=%s retry_in=%.1fs: %s",
             k, self.worker_id, delay, exc,
@@ -394,85 +369,4 @@ class Worker:
                     log.info("partition released partition=%d worker=%s", k, self.worker_id)
                 except BusregError as exc:
                     log.warning("release failed partition=%d: %s", k, exc)
-            await _close_quietly(runner.consumer)
-
-    # --- snapshot / list requests -------------------------------------------------------------
-
-    async def _serve_rpc(self) -> None:
-        assert self._amqp is not None
-        with translate("rpc consumer"):
-            channel = await self._amqp.channel()
-            # small window: requests held by a paused worker wait for it; clients resend
-            await channel.set_qos(prefetch_count=4)
-            # declared (same arguments as the topology), not just looked up: the robust
-            # channel then re-creates the consumer after a broker restart
-            queue = await channel.declare_queue(
-                c.rpc_queue(self.settings.namespace),
-                durable=True,
-                arguments={"x-message-ttl": RPC_MESSAGE_TTL_MS},
-            )
-            await queue.consume(self._on_request)
-        try:
-            await asyncio.Future()  # consume until cancelled
-        finally:
-            if not channel.is_closed:
-                try:
-                    await channel.close()
-                except Exception as exc:
-                    log.debug("rpc channel close: %r", exc)
-
-    async def _on_request(self, message: AbstractIncomingMessage) -> None:
-        self.snapshot_requests += 1
-        try:
-            reply = await self._answer(message.body)
-        except BusregError as exc:
-            reply = {"v": 1, "error": "unavailable", "detail": str(exc)}
-        if message.reply_to:
-            try:
-                with translate("rpc reply"):
-                    assert self._publish_channel is not None
-                    await self._publish_channel.default_exchange.publish(
-                        aio_pika.Message(
-                            orjson.dumps(reply),
-                            correlation_id=message.correlation_id,
-                            content_type="application/json",
-                        ),
-                        routing_key=message.reply_to,
-                    )
-            except BusregError as exc:
-                log.warning("rpc reply failed: %s", exc)
-        with translate("rpc ack"):
-            await message.ack()
-
-    async def _answer(self, body: bytes) -> dict[str, Any]:
-        assert self.store is not None
-        try:
-            request = SnapshotRequest.model_validate_json(body)
-        except ValidationError as exc:
-            log.warning("bad snapshot request: %s", exc.errors()[0]["msg"])
-            return {"v": 1, "error": "invalid-request", "detail": str(exc.errors()[0]["msg"])}
-        parts = self.settings.partitions
-        if request.op == "services":
-            rows = []
-            for k in range(parts):
-                rows += [dataclasses.asdict(r) for r in await self.store.services(k)]
-            rows.sort(key=lambda r: r["service"])
-            return {"v": 1, "services": rows}
-        if request.service is None:
-            return {"v": 1, "error": "invalid-request", "detail": "snapshot needs a service"}
-        rows_ = await self.store.snapshot(partition_for(request.service, parts), request.service)
-        snap = Snapshot(
-            service=request.service,
-            epoch=rows_.epoch,
-            revision=rows_.revision,
-            instances=rows_.instances,
-        )
-        return snap.model_dump(mode="json")
-
-
-async def _close_quietly(consumer: Any) -> None:
-    try:
-        async with asyncio.timeout(5):
-            await consumer.close()
-    except Exception as exc:  # the connection may be gone already; nothing to keep
-        log.debug("partition consumer close: %r", exc)
+            await close_quietly(runner.consumer.close, "partition consumer")

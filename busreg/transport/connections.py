@@ -18,6 +18,8 @@ import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions as redis_exc
 from aio_pika.abc import AbstractRobustConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from busreg.errors import (
     AuthenticationFailed,
@@ -165,7 +167,11 @@ async def connect_redis(settings: Settings) -> aioredis.Redis:
         socket_timeout=5.0,
         socket_connect_timeout=5.0,
         health_check_interval=10,
-        retry_on_timeout=True,
+        # busreg retries its Redis calls in one place (busreg.backoff), each where it
+        # knows the call is idempotent; redis-py's own retries (on by default since 6.0)
+        # would re-run a script whose reply was lost behind busreg's back
+        retry=Retry(NoBackoff(), 0),
+        retry_on_timeout=False,
     )
     # from_url chose the class for the URL's scheme; connections are made on first use
     pool = client.connection_pool
@@ -193,7 +199,7 @@ def _stream_kwargs(endpoint: StreamEndpoint) -> dict[str, Any]:
 async def stream_producer(settings: Settings, name: str, timeout: float = 10.0) -> Any:
     """A started rstream Producer (stream protocol, port 5552 by default).
 
-    rstream's own reconnection is off: busreg.client.registration.StreamWriter replaces a failed
+    rstream's own reconnection is off: busreg.transport.streams.StreamWriter replaces a failed
     producer itself, promptly (see there)."""
     from rstream import Producer
     from rstream.recovery import BackOffRecoveryStrategy

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
@@ -25,16 +26,22 @@ __all__ = [
     "apply_topology",
     "declare_service_exchange",
     "delete_topology",
+    "group_queue_arguments",
     "service_user_permissions",
     "verify_partitions",
 ]
 
 log = logging.getLogger("busreg.topology")
 
-#: Requests older than this are useless (their caller has timed out): the broker drops them.
-RPC_MESSAGE_TTL_MS = 10_000
-#: Dead letters kept for operators; beyond this the oldest are dropped (bounded memory).
-DEAD_LETTER_MAX = 100_000
+def group_queue_arguments(namespace: str) -> dict[str, Any]:
+    """Arguments of a group queue (besides ``x-queue-type: quorum``); FastStream apps
+    declaring the same queue must pass exactly these."""
+    return {
+        "x-delivery-limit": c.DELIVERY_LIMIT,
+        "x-dead-letter-exchange": c.dead_letter_exchange(namespace),
+        "x-max-length": c.GROUP_QUEUE_MAX,
+        "x-overflow": "drop-head",
+    }
 
 
 async def apply_topology(conn: AbstractConnection, settings: Settings) -> None:
@@ -64,7 +71,7 @@ async def apply_topology(conn: AbstractConnection, settings: Settings) -> None:
                     exchange, routing_key=str(k), arguments={"x-stream-partition-order": k}
                 )
             await channel.declare_queue(
-                c.rpc_queue(ns), durable=True, arguments={"x-message-ttl": RPC_MESSAGE_TTL_MS}
+                c.rpc_queue(ns), durable=True, arguments={"x-message-ttl": c.RPC_MESSAGE_TTL_MS}
             )
             dlx = await channel.declare_exchange(
                 c.dead_letter_exchange(ns), aio_pika.ExchangeType.FANOUT, durable=True
@@ -72,7 +79,7 @@ async def apply_topology(conn: AbstractConnection, settings: Settings) -> None:
             dlq = await channel.declare_queue(
                 c.dead_letter_queue(ns),
                 durable=True,
-                arguments={"x-max-length": DEAD_LETTER_MAX, "x-overflow": "drop-head"},
+                arguments={"x-max-length": c.DEAD_LETTER_MAX, "x-overflow": "drop-head"},
             )
             await dlq.bind(dlx)
         finally:

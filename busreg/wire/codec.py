@@ -23,7 +23,15 @@ from busreg.constants import MAX_EVENT_BYTES, PROTOCOL_VERSION
 from busreg.errors import InvalidEvent
 from busreg.wire.amqp10 import MalformedAmqp, check_message
 from busreg.wire.auth import split_signed
-from busreg.wire.models import Deregister, Heartbeat, Instance, Register, Tick, ingest_adapter
+from busreg.wire.models import (
+    Deregister,
+    Heartbeat,
+    Instance,
+    Register,
+    Tick,
+    ingest_adapter,
+    validation_message,
+)
 
 __all__ = [
     "DecodedEvent",
@@ -77,9 +85,7 @@ def _refusal(body: bytes, exc: ValidationError) -> InvalidEvent:
         return InvalidEvent(
             UNKNOWN_VERSION, f"v={version!r}, this worker speaks v={PROTOCOL_VERSION}"
         )
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "event"
-    return InvalidEvent(INVALID, f"{where}: {first['msg']}")
+    return InvalidEvent(INVALID, validation_message(exc, where="event"))
 
 
 def encode_stored(event: Register | Heartbeat) -> str:

@@ -30,6 +30,7 @@ from pydantic import (
     Field,
     Strict,
     TypeAdapter,
+    ValidationError,
     field_validator,
 )
 
@@ -47,6 +48,8 @@ __all__ = [
     "Snapshot",
     "SnapshotRequest",
     "Tick",
+    "first_error",
+    "validation_message",
 ]
 
 ServiceName = Annotated[
@@ -236,3 +239,18 @@ class SnapshotRequest(BaseModel):
     v: Literal[1] = 1
     op: Literal["snapshot", "services"] = "snapshot"
     service: ServiceName | None = None
+
+
+def first_error(exc: ValidationError) -> tuple[str, str]:
+    """``(dotted location, message)`` of the first error pydantic reports (location '' for
+    the whole value)."""
+    err = exc.errors()[0]
+    return ".".join(str(p) for p in err["loc"]), str(err["msg"])
+
+
+def validation_message(exc: ValidationError, where: str = "") -> str:
+    """One line for a refused value: ``"<location>: <message>"`` (``where`` stands in for an
+    empty location; with neither, the message alone)."""
+    location, message = first_error(exc)
+    location = location or where
+    return f"{location}: {message}" if location else message

@@ -80,7 +80,10 @@ class DeadLetter(BaseModel):
     size: int = Field(ge=0, description="Size of the original message in bytes.")
     body_b64: str = Field(
         pattern=r"^[A-Za-z0-9+/]*={0,2}$",
-        description="Standard base64 of the original message's first 64 KiB.",
+        description=(
+            "Standard base64 of the original message's first 512 bytes; the whole message "
+            "is in the retained stream at (stream, offset)."
+        ),
     )
 
 

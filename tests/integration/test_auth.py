@@ -15,12 +15,13 @@ import pytest_asyncio
 
 from busreg import AuthenticationFailed, PublishFailed, Registry, Settings, partition_for
 from busreg import constants as c
-from busreg.client.registration import IngestPublisher, StreamWriter
+from busreg.client.registration import IngestPublisher
 from busreg.ops.deadletters import read_dead_letters
 from busreg.server.worker import Worker
 from busreg.settings import AuthSettings, ClientSettings
 from busreg.testing import running_worker
 from busreg.transport.connections import connect_amqp
+from busreg.transport.streams import StreamWriter
 from busreg.transport.topology import service_user_permissions
 from busreg.wire.auth import service_key, sign
 from busreg.wire.codec import encode_event

@@ -11,9 +11,11 @@ import pytest
 from busreg import ConfigurationError, DeltaKind, Registry, Settings, partition_for
 from busreg import constants as c
 from busreg.client.groups import declare_group
-from busreg.client.registration import IngestPublisher, StreamWriter
-from busreg.server.worker import Worker, cancel_until_done
+from busreg.client.registration import IngestPublisher
+from busreg.server.worker import Worker
+from busreg.tasks import cancel_until_done
 from busreg.transport.connections import connect_amqp, stream_producer
+from busreg.transport.streams import StreamWriter
 from busreg.wire.codec import encode_event
 from busreg.wire.models import Deregister, Heartbeat, Register
 

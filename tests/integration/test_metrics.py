@@ -17,10 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from busreg import Registry, Settings
 from busreg import constants as c
-from busreg.client.registration import StreamWriter
-from busreg.server.metrics import Buckets, RegistryCollector
+from busreg.client.metrics import RegistryCollector
 from busreg.settings import WorkerSettings
 from busreg.testing import running_worker
+from busreg.transport.streams import StreamWriter
 
 from .helpers import eventually, owners, settings_env, stop_process
 
@@ -191,12 +191,3 @@ async def test_in_process_worker_and_client_metrics(busreg_namespace: Settings) 
         samples = await _scrape(port)
         assert samples[("busreg_worker_owned_partitions", ())] == settings.partitions
         assert _total(samples, "busreg_partition_events_applied_total") >= 3
-
-
-def test_buckets_are_cumulative() -> None:
-    b = Buckets([1, 10, 100])
-    for v in (0.5, 1, 5, 50, 500):
-        b.observe(v)
-    assert b.cumulative() == [("1", 2.0), ("10", 3.0), ("100", 4.0), ("+Inf", 5.0)]
-    assert b.count == 5
-    assert b.sum == 556.5

@@ -11,11 +11,13 @@ import pytest
 
 from busreg import DeltaKind, Registry, Settings, partition_for
 from busreg import constants as c
-from busreg.client.registration import IngestPublisher, StreamWriter
+from busreg.client.registration import IngestPublisher
 from busreg.server.runner import PartitionRunner
-from busreg.server.worker import Worker, cancel_until_done
+from busreg.server.worker import Worker
+from busreg.tasks import cancel_until_done
 from busreg.testing import running_worker
 from busreg.transport.connections import connect_amqp, stream_producer
+from busreg.transport.streams import StreamWriter
 from busreg.wire.models import Heartbeat, Register
 
 from .helpers import eventually, owners, partition_states, spawn_worker, stop_process

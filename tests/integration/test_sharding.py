@@ -53,7 +53,8 @@ class OwnershipAuditor:
                     if holder is None:
                         continue
                     worker, token = holder.split("|", 1)
-                    _epoch, n = token.rsplit("/", 1)
+                    # "<epoch>/<n>.<nonce>": n grows per acquisition
+                    n = token.rsplit("/", 1)[1].split(".", 1)[0]
                     if self.seen.setdefault((k, token), worker) != worker:
                         self.violations.append(f"token {token} of {k} held by two workers")
                     if int(n) < self.last.get(k, 0):

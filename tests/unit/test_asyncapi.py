@@ -14,7 +14,7 @@ from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
 from busreg import constants as c
-from busreg.client.groups import group_queue_arguments
+from busreg.transport.topology import group_queue_arguments
 from busreg.wire.asyncapi import (
     ASYNCAPI_VERSION,
     build_asyncapi,

@@ -8,7 +8,6 @@ from collections import Counter
 import pytest
 
 from busreg.callers.balancer import (
-    EjectionPolicy,
     LeastOutstanding,
     LoadBalancer,
     NoInstanceAvailable,
@@ -17,6 +16,7 @@ from busreg.callers.balancer import (
     Weighted,
     ZoneAware,
 )
+from busreg.callers.ejection import EjectionPolicy
 from busreg.wire.models import Instance, InstanceStatus
 
 

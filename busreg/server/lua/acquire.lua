@@ -1,8 +1,11 @@
 -- Take ownership of a partition if it is free (or already ours), with a new fencing token.
--- KEYS[1] partition prefix; ARGV[1] worker id, ARGV[2] lease ms, ARGV[3] epoch if new
+-- KEYS[1] partition prefix; ARGV[1] worker id, ARGV[2] lease ms, ARGV[3] epoch if new,
+-- ARGV[4] a random nonce of this acquisition
 -- The lease key expires on Redis' clock, never the worker's (invariant 8). The token is
--- "<epoch>/<n>": n grows with every acquisition and the epoch changes if Redis lost the
--- partition's state, so a token from before a data loss can never match again.
+-- "<epoch>/<n>.<nonce>": n grows with every acquisition and the epoch changes if Redis lost
+-- the partition's state. n alone can repeat: a failover to a replica that missed the last
+-- HINCRBY hands out the same n again; the nonce makes two acquisitions' tokens differ
+-- even then, so two workers never hold one token (invariant 3).
 local p = KEYS[1]
 local lease = p .. 'lease'
 local cur = redis.call('GET', lease)
@@ -16,7 +19,7 @@ if not epoch then
   epoch = ARGV[3]
   redis.call('HSET', st, 'epoch', epoch)
 end
-local token = epoch .. '/' .. redis.call('HINCRBY', st, 'fence_n', 1)
+local token = epoch .. '/' .. redis.call('HINCRBY', st, 'fence_n', 1) .. '.' .. ARGV[4]
 redis.call('HSET', st, 'fence', token)
 redis.call('SET', lease, ARGV[1] .. '|' .. token, 'PX', ARGV[2])
 local s = redis.call('HMGET', st, 'offset', 'clock')

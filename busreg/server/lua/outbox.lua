@@ -1,10 +1,25 @@
--- Drop the n entries just confirmed by the broker and return the next ones (fenced).
--- KEYS[1] partition prefix; ARGV[1] token, ARGV[2] n done, ARGV[3] how many to return
+-- Trim the outbox entries the broker confirmed and return the next ones (fenced).
+-- KEYS[1] partition prefix; ARGV[1] token, ARGV[2] number of the first entry not yet
+-- confirmed (-1: none confirmed by this call), ARGV[3] how many entries to return.
+-- Returns {number of the first entry returned, entries...}.
+--
+-- Entries are numbered: the list's head has number state.obase, and every trim moves it.
+-- Trimming "up to entry n" is idempotent: if this ran and its reply was lost, running it
+-- again (the same n) trims nothing more, so no entry is dropped before it was published.
 local p = KEYS[1]
-if redis.call('HGET', p .. 'state', 'fence') ~= ARGV[1] then
+local st = p .. 'state'
+if redis.call('HGET', st, 'fence') ~= ARGV[1] then
   return redis.error_reply('FENCED token ' .. ARGV[1] .. ' is not current')
 end
 local box = p .. 'outbox'
-local done = tonumber(ARGV[2])
-if done > 0 then redis.call('LTRIM', box, done, -1) end
-return redis.call('LRANGE', box, 0, tonumber(ARGV[3]) - 1)
+local base = tonumber(redis.call('HGET', st, 'obase') or '0')
+local upto = tonumber(ARGV[2])
+if upto > base then
+  local n = math.min(upto - base, redis.call('LLEN', box))
+  if n > 0 then redis.call('LTRIM', box, n, -1) end
+  base = base + n
+  redis.call('HSET', st, 'obase', base)
+end
+local out = redis.call('LRANGE', box, 0, tonumber(ARGV[3]) - 1)
+table.insert(out, 1, base)
+return out

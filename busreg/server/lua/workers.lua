@@ -1,5 +1,5 @@
 -- Controller membership: refresh this worker's liveness and list the live workers.
--- KEYS[1] workers zset; ARGV[1] worker id ("" to only read), ARGV[2] ttl ms
+-- KEYS[1] workers zset; ARGV[1] worker id, ARGV[2] ttl ms (readers: PartitionStore.live_workers)
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)

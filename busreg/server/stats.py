@@ -1,0 +1,71 @@
+"""Counters of partition runners and of a worker, kept in memory and read at scrape time.
+
+Nothing here does I/O: runners bump plain ints per batch, ``busreg status`` and the
+metrics collector read them. ``PartitionStats.add`` sums the runners a worker had for one
+partition, so metrics stay monotonic across handovers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+__all__ = ["COUNTERS", "PartitionStats", "WorkerStatus"]
+
+#: The monotonic counters of PartitionStats (attribute, metric suffix, help text).
+COUNTERS = (
+    (
+        "applied",
+        "events_applied",
+        "Events that changed or renewed state (register, heartbeat, "
+        "deregister newer than what was known).",
+    ),
+    ("stale", "events_stale", "Events older than what was already applied (ignored)."),
+    (
+        "replayed",
+        "events_replayed",
+        "Events at or below the committed offset, read again after "
+        "a takeover or reconnect (skipped).",
+    ),
+    (
+        "expired",
+        "instances_expired",
+        "Instances expired (no heartbeat within their TTL, measured against the watermark).",
+    ),
+    ("published", "deltas_published", "Deltas published to service exchanges and confirmed."),
+    ("batches", "apply_batches", "Atomic apply calls (one Lua script per batch)."),
+)
+
+
+@dataclass
+class PartitionStats:
+    """Counters of one runner, read by ``busreg status`` and the metrics endpoint."""
+
+    applied: int = 0
+    stale: int = 0
+    replayed: int = 0
+    expired: int = 0
+    dead_lettered: int = 0
+    dead_by_reason: dict[str, int] = field(default_factory=dict)
+    published: int = 0
+    batches: int = 0
+    offset: int = -1
+    outbox: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def add(self, other: PartitionStats) -> None:
+        """Add ``other``'s counters into these (offset and outbox are not counters)."""
+        for attr, _, _ in COUNTERS:
+            setattr(self, attr, getattr(self, attr) + getattr(other, attr))
+        self.dead_lettered += other.dead_lettered
+        for reason, n in list(other.dead_by_reason.items()):
+            self.dead_by_reason[reason] = self.dead_by_reason.get(reason, 0) + n
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """What one worker knows right now: its id, the live workers, its runners' counters."""
+
+    worker_id: str
+    live_workers: list[str]
+    owned: dict[int, PartitionStats]

@@ -1,0 +1,43 @@
+"""Two asyncio helpers every long-lived busreg object needs: stopping tasks for sure and
+closing connections without letting a dead peer hold up (or fail) a shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any
+
+__all__ = ["cancel_until_done", "close_quietly"]
+
+log = logging.getLogger("busreg.tasks")
+
+
+async def cancel_until_done(tasks: Collection[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait for them, cancelling again any that is still running.
+
+    Why again: on Python 3.11, ``asyncio.wait_for`` (which redis-py and aio-pika use inside
+    every call) swallows a cancellation that arrives as its inner future completes
+    (CPython gh-86296, fixed in 3.12), and the task runs on. Seen here as a task looping
+    for ever after one ``cancel()``."""
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+
+
+async def close_quietly(
+    close: Callable[[], Awaitable[Any]], what: str, timeout: float = 5.0
+) -> None:
+    """Await ``close()`` for at most ``timeout`` seconds; a failure is logged at debug level.
+
+    For connections, channels and consumers that may already be dead: closing them is best
+    effort and must neither hang a shutdown nor mask the error that caused it. A
+    cancellation of the caller still propagates (only ``Exception`` is absorbed)."""
+    try:
+        async with asyncio.timeout(timeout):
+            await close()
+    except Exception as exc:  # the peer may be gone already; nothing to keep
+        log.debug("%s close: %r", what, exc)

@@ -1,0 +1,436 @@
+"""apply.lua on a real Redis, driven directly with synthetic broker timestamps.
+
+No worker and no broker: each test acquires a partition lease, calls
+``PartitionStore.apply`` with events encoded like ``PartitionRunner._encode`` (8 args each:
+offset, broker ts, op, service, instance id, version, ttl ms, payload) and reads the
+partition back (state hash, snapshot, tombstones, outbox). Every row names the invariant of
+docs/design.md it pins: 2 exactly-once effect (versions, tombstones, offsets), 4 no false
+expiry (watermark clock, clamp, outage grace), 5 revisions.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from busreg.errors import Fenced
+from busreg.server.store import ApplyResult, Lease, PartitionStore
+from busreg.settings import Settings
+from busreg.testing import BusregServers
+from busreg.transport.connections import connect_redis
+from busreg.wire.codec import encode_stored
+from busreg.wire.models import Heartbeat, InstanceStatus
+
+pytestmark = pytest.mark.servers
+
+P = 0  # every test uses partition 0 of its own namespace
+SVC = "apply-svc"
+US = b"\x1f"
+T = 1_700_000_000_000  # a realistic broker timestamp (ms)
+MAX_STEP = 1_000
+TOMB_MS = 10_000
+GRACE_MS = 5_000
+#: the per-call caps of apply.lua (ZRANGEBYSCORE ... LIMIT 0 1000 / LIMIT 0 500)
+EXPIRY_CAP = 1_000
+TOMB_CAP = 500
+
+Event = tuple[Any, ...]
+
+
+# --- events, encoded as PartitionRunner._encode does --------------------------------------
+
+
+def _version(inc: int, seq: int) -> str:
+    return f"{inc:020d}{seq:016d}"  # "%020d%016d", as the runner
+
+
+def _payload(
+    iid: str, inc: int, seq: int, ttl_ms: int, status: InstanceStatus, service: str = SVC
+) -> str:
+    event = Heartbeat(
+        service=service,
+        instance_id=iid,
+        incarnation=inc,
+        seq=seq,
+        address="10.0.0.1:8080",
+        status=status,
+        ttl=ttl_ms / 1000,
+    )
+    return encode_stored(event)
+
+
+def up(
+    off: int,
+    ts: int,
+    iid: str,
+    *,
+    inc: int = 1,
+    seq: int = 1,
+    ttl_ms: int = 3_000,
+    status: InstanceStatus = InstanceStatus.UP,
+) -> Event:
+    """Register/heartbeat ('U')."""
+    payload = _payload(iid, inc, seq, ttl_ms, status)
+    return (off, ts, "U", SVC, iid, _version(inc, seq), ttl_ms, payload)
+
+
+def down(off: int, ts: int, iid: str, *, inc: int = 1, seq: int = 1) -> Event:
+    """Deregister ('D')."""
+    return (off, ts, "D", SVC, iid, _version(inc, seq), 0, "")
+
+
+def tick(off: int, ts: int) -> Event:
+    """Tick ('N' without dead letter): only moves offset and clock."""
+    return (off, ts, "N", "", "", "", 0, "")
+
+
+# --- one partition, read back ---------------------------------------------------------------
+
+
+@pytest_asyncio.fixture
+async def store(busreg_servers: BusregServers) -> AsyncIterator[PartitionStore]:
+    """A PartitionStore on a fresh namespace; all its keys are deleted afterwards."""
+    redis = await connect_redis(Settings(redis_url=busreg_servers.redis_url))
+    st = PartitionStore(redis, f"t{uuid.uuid4().hex[:10]}")
+    try:
+        yield st
+    finally:
+        try:
+            await st.purge(1)
+            left = [k async for k in redis.scan_iter(match=f"*{st.namespace}*")]
+            assert left == [], left
+        finally:
+            await redis.aclose()
+
+
+async def _lease(store: PartitionStore, worker: str = "w-test") -> Lease:
+    lease = await store.acquire(P, worker, 60_000)
+    assert lease is not None
+    return lease
+
+
+async def _apply(store: PartitionStore, lease: Lease, events: list[Event]) -> ApplyResult:
+    args = [a for ev in events for a in ev]
+    return await store.apply(lease, args, len(events), MAX_STEP, TOMB_MS, GRACE_MS)
+
+
+async def _outbox(store: PartitionStore) -> list[tuple[str, int, str | None, str]]:
+    """The outbox as (kind, revision, reason, instance id), checking each entry's framing."""
+    raw = await store.redis.lrange(store.prefix(P) + "outbox", 0, -1)
+    out = []
+    for entry in raw:
+        exchange, kind, body = entry.split(US, 2)
+        delta = json.loads(body)
+        assert exchange.decode() == f"{store.namespace}.svc.{SVC}"
+        assert delta["kind"] == kind.decode()
+        assert delta["service"] == SVC
+        assert delta["instance"]["service"] == SVC
+        iid = delta["instance"]["instance_id"]
+        out.append((delta["kind"], delta["revision"], delta["reason"], iid))
+    return out
+
+
+async def _tombs(store: PartitionStore) -> set[str]:
+    fields = await store.redis.hkeys(store.prefix(P) + "tomb")
+    return {f.split(US, 1)[1].decode() for f in fields}
+
+
+# --- the table ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One apply call and what must hold after it (None: not checked)."""
+
+    events: list[Event]
+    note: str = ""
+    result: dict[str, int] = field(default_factory=dict)  # subset of ApplyResult's fields
+    clock: int | None = None
+    last_ts: int | None = None
+    grace_until: int | None = None
+    live: set[str] | None = None  # instance ids in the snapshot
+    revision: int | None = None
+    tombs: set[str] | None = None
+    counters: dict[str, int] | None = None  # cumulative counters in the state hash
+    # the whole outbox so far: (kind, revision, reason, instance id)
+    outbox: list[tuple[str, int, str | None, str]] | None = None
+
+
+def S(*events: Event, **expect: Any) -> Step:
+    return Step(list(events), **expect)
+
+
+@dataclass(frozen=True)
+class Row:
+    invariant: str
+    steps: list[Step]
+
+
+ROWS: dict[str, Row] = {
+    "clock-clamp": Row(
+        "4 no false expiry: a jump in broker time larger than max_step (nobody could write) "
+        "advances the partition clock by at most max_step, each jump on its own",
+        [
+            S(up(0, T, "a"), note="first event sets clock = last_ts = ts",
+              result={"applied": 1, "changes": 1}, clock=T, last_ts=T, live={"a"}),
+            S(tick(1, T + 60_000), note="60 s gap > ttl: clamped to 1 s, nothing expires",
+              result={"expired": 0}, clock=T + 1_000, last_ts=T + 60_000,
+              grace_until=T + 1_000 + GRACE_MS, live={"a"}),
+            S(tick(2, T + 60_400), note="a normal step is taken in full",
+              clock=T + 1_400, last_ts=T + 60_400, grace_until=T + 6_000),
+            S(tick(3, T + 61_400), note="exactly max_step: not clamped, no new grace",
+              clock=T + 2_400, grace_until=T + 6_000),
+            S(tick(4, T + 200_000), tick(5, T + 400_000), note="two jumps in one batch",
+              clock=T + 4_400, last_ts=T + 400_000, grace_until=T + 4_400 + GRACE_MS,
+              result={"expired": 0, "offset": 5}, live={"a"}),
+        ],
+    ),
+    "outage-grace": Row(
+        "4 no false expiry: after a gap > max_step nothing expires until the clock passes "
+        "grace_until (clock + step + grace); instances that heartbeat in the grace survive, "
+        "the others expire once it is over",
+        [
+            S(up(0, T, "a"), up(1, T, "b"), live={"a", "b"}),  # deadlines T + 3000
+            S(tick(2, T + 600_000), note="10 min outage",
+              clock=T + 1_000, grace_until=T + 6_000, result={"expired": 0}),
+            S(tick(3, T + 601_000), tick(4, T + 602_000), tick(5, T + 603_000),
+              note="past both deadlines, but in the grace",
+              clock=T + 4_000, result={"expired": 0}, live={"a", "b"}),
+            S(up(6, T + 604_000, "b", seq=2), note="b reconnects: deadline T + 8000",
+              clock=T + 5_000, result={"expired": 0, "applied": 1}, live={"a", "b"}),
+            S(tick(7, T + 604_999), note="grace_until - 1",
+              clock=T + 5_999, result={"expired": 0}, live={"a", "b"}),
+            S(tick(8, T + 605_001), note="grace over: a expires, b does not",
+              clock=T + 6_001, result={"expired": 1, "changes": 1}, live={"b"},
+              outbox=[("added", 1, None, "a"), ("added", 2, None, "b"),
+                      ("removed", 3, "expired", "a")]),
+            S(tick(9, T + 606_000), tick(10, T + 607_000), note="b's deadline reached, not passed",
+              clock=T + 8_000, grace_until=T + 6_000, result={"expired": 0}, live={"b"}),
+            S(tick(11, T + 607_001), result={"expired": 1}, live=set(), revision=4),
+        ],
+    ),
+    "clock-backwards": Row(
+        "4 no false expiry: broker timestamps going backwards neither move the clock back "
+        "nor forward, expire nothing, and the next forward step counts from the newest ts",
+        [
+            S(up(0, T, "a")),  # deadline T + 3000
+            S(tick(1, T + 1_000), tick(2, T + 2_000), tick(3, T + 2_500),
+              clock=T + 2_500, last_ts=T + 2_500, grace_until=0),
+            S(tick(4, T - 100_000), tick(5, T + 1_000), note="backwards",
+              clock=T + 2_500, last_ts=T + 2_500, grace_until=0,
+              result={"expired": 0, "offset": 5}, live={"a"}),
+            S(tick(6, T + 2_600), note="100 ms after the newest ts, not 1.6 s after the last",
+              clock=T + 2_600, last_ts=T + 2_600, grace_until=0, live={"a"}),
+            S(tick(7, T + 3_000), clock=T + 3_000, result={"expired": 0}, live={"a"}),
+            S(tick(8, T + 3_001), clock=T + 3_001, result={"expired": 1}, live=set()),
+        ],
+    ),
+    "expiry-at-ttl-and-revisions": Row(
+        "4 + 5: an instance expires only once the partition clock (moved by ticks) has passed "
+        "clock-at-last-renewal + ttl; the revision grows by one per visible change (a no-op "
+        "heartbeat is none) and the outbox gets added / modified / removed(expired)",
+        [
+            S(up(0, T, "a", seq=1), result={"applied": 1, "changes": 1, "outbox": 1},
+              revision=1, live={"a"}, outbox=[("added", 1, None, "a")]),
+            S(up(1, T + 500, "a", seq=2), note="no-op heartbeat: deadline T + 3500, no delta",
+              result={"applied": 1, "changes": 0, "outbox": 1}, revision=1),
+            S(up(2, T + 1_000, "a", seq=3, status=InstanceStatus.DOWN),
+              note="status change: modified, deadline T + 4000",
+              result={"applied": 1, "changes": 1}, revision=2),
+            S(tick(3, T + 2_000), tick(4, T + 3_000), tick(5, T + 4_000),
+              note="clock == deadline: not yet", clock=T + 4_000,
+              result={"expired": 0, "changes": 0}, live={"a"}, revision=2),
+            S(tick(6, T + 4_001), clock=T + 4_001,
+              result={"expired": 1, "changes": 1, "outbox": 3}, live=set(), revision=3,
+              tombs={"a"}, counters={"applied": 3, "expired": 1},
+              outbox=[("added", 1, None, "a"), ("modified", 2, None, "a"),
+                      ("removed", 3, "expired", "a")]),
+        ],
+    ),
+    "tombstone-blocks-late-heartbeat": Row(
+        "2 exactly-once effect: after a deregister, a late heartbeat with an older (or the "
+        "same) version does not revive the instance; after tombstone_ms of partition clock "
+        "the tombstone is forgotten (and such a heartbeat would be applied again)",
+        [
+            S(up(0, T, "a", seq=5, ttl_ms=60_000), live={"a"}),
+            S(down(1, T + 100, "a", seq=6), note="tombstone, forget at T + 100 + TOMB_MS",
+              result={"applied": 1, "changes": 1}, live=set(), tombs={"a"}, revision=2,
+              outbox=[("added", 1, None, "a"), ("removed", 2, "deregistered", "a")]),
+            S(up(2, T + 200, "a", seq=5, ttl_ms=60_000), up(3, T + 300, "a", seq=6),
+              down(4, T + 300, "a", seq=6), note="late/duplicate events of the old run",
+              result={"applied": 0, "stale": 3, "changes": 0}, live=set(), tombs={"a"},
+              revision=2),
+            S(*(tick(4 + k, T + 100 + 1_000 * k) for k in range(1, 10)), tick(14, T + 10_099),
+              note="1 ms before the forget time", clock=T + 10_099, tombs={"a"}),
+            S(tick(15, T + 10_100), note="forgotten", clock=T + 10_100, tombs=set()),
+            S(up(16, T + 10_200, "a", seq=5, ttl_ms=60_000),
+              note="without its tombstone an old heartbeat registers again",
+              result={"applied": 1, "changes": 1}, live={"a"}, revision=3),
+        ],
+    ),
+    "tombstone-of-unknown-instance": Row(
+        "2 exactly-once effect: a deregister of an unknown instance is stale but leaves a "
+        "tombstone, so older heartbeats (lower seq or older incarnation) stay out; a newer "
+        "one re-adds the instance and clears the tombstone",
+        [
+            S(down(0, T, "x", inc=2, seq=3), result={"stale": 1, "applied": 0, "changes": 0},
+              live=set(), tombs={"x"}, revision=0),
+            S(up(1, T + 10, "x", inc=2, seq=2), up(2, T + 20, "x", inc=1, seq=99),
+              up(3, T + 30, "x", inc=2, seq=3), result={"stale": 3, "changes": 0},
+              live=set(), tombs={"x"}),
+            S(up(4, T + 40, "x", inc=2, seq=4), result={"applied": 1, "changes": 1},
+              live={"x"}, tombs=set(), revision=1),
+            S(down(5, T + 50, "x", inc=2, seq=4), note="same version as stored: stale",
+              result={"stale": 1, "applied": 0, "changes": 0}, live={"x"}, tombs=set()),
+        ],
+    ),
+    "stale-and-replayed": Row(
+        "2 exactly-once effect: duplicate and older versions are stale (no effect); events "
+        "at or below the committed offset are skipped as replayed, whatever they carry, "
+        "and do not move the clock",
+        [
+            S(up(0, T, "a", seq=2), result={"offset": 0, "applied": 1}, revision=1),
+            S(up(1, T + 10, "a", seq=2), up(2, T + 20, "a", seq=1),
+              up(3, T + 30, "a", inc=0, seq=9), note="duplicate, older seq, older incarnation",
+              result={"offset": 3, "applied": 0, "stale": 3, "changes": 0, "replayed": 0},
+              clock=T + 30, revision=1),
+            S(up(0, T + 999_999, "a", seq=7), up(2, T + 999_999, "a", seq=7),
+              up(3, T + 999_999, "a", seq=7, status=InstanceStatus.DOWN),
+              note="replay of committed offsets, even with newer versions",
+              result={"offset": 3, "replayed": 3, "applied": 0, "stale": 0, "changes": 0},
+              clock=T + 30, last_ts=T + 30, revision=1),
+            S(up(3, T + 40, "a", seq=8), up(4, T + 50, "a", seq=8, status=InstanceStatus.DOWN),
+              note="mixed batch: 3 replayed, 4 applied",
+              result={"offset": 4, "replayed": 1, "applied": 1, "changes": 1},
+              clock=T + 50, revision=2),
+            S(tick(10, T + 60), result={"offset": 10, "replayed": 0}),
+            S(tick(7, T + 70), note="a gap below the offset is still replayed",
+              result={"offset": 10, "replayed": 1}, clock=T + 60,
+              counters={"applied": 2, "stale": 3, "replayed": 5}),
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(ROWS))
+async def test_apply_table(store: PartitionStore, name: str) -> None:
+    """Each row: a sequence of apply calls on one partition and the state after each."""
+    row = ROWS[name]
+    lease = await _lease(store)
+    for i, step in enumerate(row.steps):
+        where = f"{name} step {i} ({step.note}) -- invariant {row.invariant}"
+        res = await _apply(store, lease, step.events)
+        for key, want in step.result.items():
+            assert getattr(res, key) == want, f"{key}: {res} {where}"
+        state = await store.partition_state(P)
+        assert state["fence"] == lease.token
+        assert int(state["offset"]) == res.offset, where
+        assert int(state["outbox"]) == res.outbox, where
+        if step.clock is not None:
+            assert int(state["clock"]) == step.clock, f"clock {state} {where}"
+        if step.last_ts is not None:
+            assert int(state["last_ts"]) == step.last_ts, f"last_ts {state} {where}"
+        if step.grace_until is not None:
+            assert int(state["grace_until"]) == step.grace_until, f"grace {state} {where}"
+        for key, want in (step.counters or {}).items():
+            assert int(state.get(key, 0)) == want, f"{key} {state} {where}"
+        snap = await store.snapshot(P, SVC)
+        assert snap.epoch == lease.epoch
+        if step.live is not None:
+            assert {i.instance_id for i in snap.instances} == step.live, where
+            deadlines = await store.redis.zrange(store.prefix(P) + "deadlines", 0, -1)
+            assert {d.split(US, 1)[1].decode() for d in deadlines} == step.live, where
+        if step.revision is not None:
+            assert snap.revision == step.revision, where
+        if step.tombs is not None:
+            assert await _tombs(store) == step.tombs, where
+            assert await store.redis.zcard(store.prefix(P) + "tombdl") == len(step.tombs)
+        if step.outbox is not None:
+            assert await _outbox(store) == step.outbox, where
+
+
+# --- per-call caps --------------------------------------------------------------------------
+
+
+async def test_expiry_and_tombstone_caps_per_call(store: PartitionStore) -> None:
+    """4 (+2): one apply call expires at most 1000 instances and forgets at most 500
+    tombstones; the rest go in the next calls (ticks keep them coming)."""
+    n = 1_200
+    lease = await _lease(store)
+    payload = _payload("x", 1, 1, 3_000, InstanceStatus.UP)  # has no instance id: shared
+    events = [(o, T, "U", SVC, f"i{o:04d}", _version(1, 1), 3_000, payload) for o in range(n)]
+    res = await _apply(store, lease, events)
+    assert (res.applied, res.changes, res.outbox) == (n, n, n)
+
+    key = store.prefix(P)
+    res = await _apply(store, lease, [tick(n + k, T + 1_000 * (k + 1)) for k in range(3)]
+                       + [tick(n + 3, T + 3_001)])
+    assert res.expired == EXPIRY_CAP
+    assert await store.redis.hlen(key + "s:" + SVC) == n - EXPIRY_CAP
+    assert await store.redis.zcard(key + "deadlines") == n - EXPIRY_CAP
+    assert await store.redis.hlen(key + "tomb") == EXPIRY_CAP
+
+    res = await _apply(store, lease, [tick(n + 4, T + 3_002)])
+    assert res.expired == n - EXPIRY_CAP
+    assert await store.redis.hlen(key + "s:" + SVC) == 0
+    assert await store.redis.hlen(key + "tomb") == n
+    snap = await store.snapshot(P, SVC)
+    assert (snap.revision, snap.instances) == (2 * n, [])
+    assert res.outbox == 2 * n
+
+    # tombstones: forget times T + 3001 + TOMB_MS (1000 of them) and T + 3002 + TOMB_MS
+    ticks = [tick(n + 5 + k, T + 3_002 + 1_000 * (k + 1)) for k in range(TOMB_MS // 1_000)]
+    await _apply(store, lease, ticks)
+    state = await store.partition_state(P)
+    assert int(state["clock"]) == T + 3_002 + TOMB_MS
+    assert await store.redis.hlen(key + "tomb") == n - TOMB_CAP
+    off = n + 5 + len(ticks)
+    await _apply(store, lease, [tick(off, T + 3_002 + TOMB_MS + 1)])
+    assert await store.redis.hlen(key + "tomb") == n - 2 * TOMB_CAP
+    assert await store.redis.zcard(key + "tombdl") == n - 2 * TOMB_CAP
+    await _apply(store, lease, [tick(off + 1, T + 3_002 + TOMB_MS + 2)])
+    assert await store.redis.hlen(key + "tomb") == 0
+    assert await store.redis.zcard(key + "tombdl") == 0
+    assert int((await store.partition_state(P))["expired"]) == n
+
+
+# --- fencing --------------------------------------------------------------------------------
+
+
+async def _dump(store: PartitionStore) -> dict[bytes, bytes | None]:
+    keys = [k async for k in store.redis.scan_iter(match=store.prefix(P) + "*")]
+    return {k: await store.redis.dump(k) for k in sorted(keys)}
+
+
+async def test_wrong_fencing_token_raises_fenced_and_writes_nothing(
+    store: PartitionStore,
+) -> None:
+    """3 one writer (and so 2): a batch with a token that is not the partition's current
+    fence raises Fenced, and no key of the partition changes (state, offset, clock,
+    instances, tombstones, revisions, outbox)."""
+    old = await _lease(store, "w1")
+    await _apply(store, old, [up(0, T, "a"), down(1, T + 10, "b")])
+    new = await _lease(store, "w1")  # re-acquired: a new token, the old one is stale
+    assert new.token != old.token
+    assert (new.epoch, new.offset) == (old.epoch, 1)
+    assert await store.acquire(P, "w2", 60_000) is None  # held by w1
+
+    before = await _dump(store)
+    batch = [up(2, T + 5_000, "c"), down(3, T + 5_000, "a", seq=2), tick(4, T + 9_000)]
+    forged = Lease(P, old.epoch + "/999", old.epoch, old.offset, "w1|forged")
+    for lease in (old, forged):
+        with pytest.raises(Fenced):
+            await _apply(store, lease, batch)
+        with pytest.raises(Fenced):
+            await _apply(store, lease, [])
+        assert await _dump(store) == before
+
+    res = await _apply(store, new, batch)  # the current token writes
+    assert (res.offset, res.applied) == (4, 2)
+    assert {i.instance_id for i in (await store.snapshot(P, SVC)).instances} == {"c"}
