@@ -53,6 +53,18 @@ class WorkerSettings(BaseModel):
     #: Address the metrics port binds ("0.0.0.0": every interface, for a scraper elsewhere).
     metrics_host: str = "0.0.0.0"
 
+    @model_validator(mode="after")
+    def _timings_agree(self) -> WorkerSettings:
+        # A quiet partition's clock moves by its ticks: ticks further apart than the
+        # largest clock step would look like an ingest outage each time, open the outage
+        # grace again and again, and hold every expiry back.
+        if self.tick_interval >= self.max_clock_step:
+            raise ValueError(
+                f"tick_interval ({self.tick_interval}s) must be below max_clock_step "
+                f"({self.max_clock_step}s): ticks further apart read as ingest outages"
+            )
+        return self
+
 
 class AuthSettings(BaseModel):
     """Who may write events for which service (see busreg.wire.auth).

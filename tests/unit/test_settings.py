@@ -6,10 +6,11 @@ import os
 import ssl
 
 import pytest
+from pydantic import ValidationError
 
 from busreg import constants as c
 from busreg.errors import ConfigurationError
-from busreg.settings import Settings, load_settings
+from busreg.settings import Settings, WorkerSettings, load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -163,3 +164,11 @@ def test_configuration_error_is_a_busreg_error() -> None:
 def test_bad_port_in_stream_url_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError):
         load_settings(stream_url="rabbitmq-stream://u:p@streams:abc/").stream_endpoint()
+
+
+def test_ticks_must_come_faster_than_the_largest_clock_step() -> None:
+    """Ticks at or past max_clock_step would each read as an ingest outage (invariant 4:
+    expiry would be held back by a fresh grace on every quiet partition)."""
+    with pytest.raises(ValidationError, match=r"tick_interval .* must be below max_clock_step"):
+        WorkerSettings(tick_interval=1.0, max_clock_step=1.0)
+    assert WorkerSettings(tick_interval=0.5, max_clock_step=1.0).tick_interval == 0.5
