@@ -105,6 +105,12 @@ DEFAULT_TTL = 3.0
 #: detection takes TTL + at most one tick interval (+ a few ms to apply and publish).
 DEFAULT_TICK_INTERVAL = 0.1
 
+#: Every worker also ticks the partitions it does not own this often, so a partition whose
+#: owner died shows no gap in broker time while the next owner takes over (a gap longer
+#: than the max clock step reads as an ingest outage). Half the max clock step: one late
+#: or lost standby tick still leaves no such gap.
+DEFAULT_STANDBY_TICK_INTERVAL = 0.5
+
 #: A jump in broker time between two consecutive events of a partition larger than this is
 #: an ingest outage (broker down, every writer cut off), not time in which instances failed
 #: to heartbeat: the lease clock advances by at most this much per step (invariant 4).

@@ -37,6 +37,7 @@ class WorkerSettings(BaseModel):
     """Shard worker tuning; the defaults meet the targets in DESIGN.md §4."""
 
     tick_interval: float = Field(c.DEFAULT_TICK_INTERVAL, gt=0, le=5)
+    standby_tick_interval: float = Field(c.DEFAULT_STANDBY_TICK_INTERVAL, gt=0, le=30)
     max_clock_step: float = Field(c.DEFAULT_MAX_CLOCK_STEP, gt=0, le=60)
     outage_grace: float = Field(c.DEFAULT_OUTAGE_GRACE, ge=0, le=600)
     replay_window: float = Field(c.DEFAULT_REPLAY_WINDOW, gt=0)
@@ -58,11 +59,12 @@ class WorkerSettings(BaseModel):
         # A quiet partition's clock moves by its ticks: ticks further apart than the
         # largest clock step would look like an ingest outage each time, open the outage
         # grace again and again, and hold every expiry back.
-        if self.tick_interval >= self.max_clock_step:
-            raise ValueError(
-                f"tick_interval ({self.tick_interval}s) must be below max_clock_step "
-                f"({self.max_clock_step}s): ticks further apart read as ingest outages"
-            )
+        for name in ("tick_interval", "standby_tick_interval"):
+            if getattr(self, name) >= self.max_clock_step:
+                raise ValueError(
+                    f"{name} ({getattr(self, name)}s) must be below max_clock_step "
+                    f"({self.max_clock_step}s): ticks further apart read as ingest outages"
+                )
         return self
 
 

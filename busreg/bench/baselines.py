@@ -180,7 +180,7 @@ async def apply_lua_rate(settings: Settings, redis: Any, updates: int) -> dict[s
 
 
 def decode_cost(count: int = 20_000) -> dict[str, Any]:
-    """µs per heartbeat of the worker's Python decode path (PartitionRunner._encode's calls)."""
+    """µs per heartbeat of the worker's Python decode path (BatchEncoder.encode's calls)."""
     bodies = [_heartbeat(i, i + 1) for i in range(count)]
     cache: dict[str, int] = {}
     t0 = time.perf_counter()

@@ -8,28 +8,34 @@
 ``register`` returns once the broker confirmed the registration; the instance then
 heartbeats in the background and is deregistered when the registry closes. Views stay
 current by themselves (snapshot + deltas, re-read on any gap).
+
+Background work (heartbeats, views) runs in tasks this object owns and supervises: an
+unexpected error in one is logged and that loop restarted, never propagated to the
+application's task or to the other loops (a TaskGroup would cancel both).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Self
 
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from pydantic import TypeAdapter, ValidationError
 
+from busreg.backoff import Backoff
 from busreg.client.groups import GroupMessage, consume_group
 from busreg.client.registration import AmqpWriter, IngestPublisher, Registration
 from busreg.client.rpc import RpcClient
 from busreg.client.view import ServiceView
 from busreg.errors import ClosedError, ConfigurationError
 from busreg.settings import Settings
-from busreg.tasks import close_quietly
+from busreg.tasks import cancel_until_done, close_quietly
 from busreg.transport.connections import connect_amqp, translate
 from busreg.transport.streams import StreamWriter
 from busreg.transport.topology import verify_partitions
@@ -44,6 +50,13 @@ from busreg.wire.models import (
 __all__ = ["Registry"]
 
 log = logging.getLogger("busreg.client")
+
+#: Pauses before restarting a background loop that failed unexpectedly (a bug): short,
+#: since its view or heartbeats are stale meanwhile, and growing so a loop that fails at
+#: once every time cannot spin or flood the log.
+RESTART_BACKOFF = Backoff(first=0.1, cap=2.0)
+#: A loop that ran this long before failing starts its back-off afresh.
+RESTART_QUIET = 10.0
 
 
 class Registry:
@@ -62,7 +75,9 @@ class Registry:
         self._producer_lock = asyncio.Lock()
         self._registrations: list[Registration] = []
         self._views: dict[str, ServiceView] = {}
-        self._tg: asyncio.TaskGroup | None = None
+        # views being loaded: concurrent watch() calls of a service wait for the same one
+        self._starting: dict[str, asyncio.Task[ServiceView]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> Self:
         if self._state != "new":
@@ -76,9 +91,6 @@ class Registry:
                 self._channel = await self._amqp.channel()
             self._rpc = RpcClient(self._channel, self.settings.namespace)
             await self._rpc.start()
-            # background work (heartbeats, views) lives in a TaskGroup owned by this object:
-            # it ends with the registry, and an unexpected error in it is not silently lost
-            self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
             self._stack.push_async_callback(self._shutdown)
         except BaseException:
             self._state = "closed"
@@ -91,7 +103,9 @@ class Registry:
         await self._stack.aclose()
 
     async def _shutdown(self) -> None:
-        # runs before the TaskGroup exits: deregister (confirmed) and stop views
+        # views still loading close what they opened; then deregister (confirmed), stop
+        # the views, and end whatever background task is left
+        await cancel_until_done(list(self._starting.values()))
         results = await asyncio.gather(
             *(r.deregister() for r in self._registrations), return_exceptions=True
         )
@@ -100,6 +114,7 @@ class Registry:
                 log.warning("deregister of %s/%s failed: %s", reg.service, reg.instance_id, res)
         for view in self._views.values():
             await view.close()
+        await cancel_until_done(list(self._tasks))
         if self._writer is not None:
             await self._writer.close()
 
@@ -112,6 +127,38 @@ class Registry:
     def views(self) -> dict[str, ServiceView]:
         """Live views by service (read-only copy)."""
         return dict(self._views)
+
+    def _spawn(self, coro: Coroutine[object, object, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _supervise(
+        self,
+        what: str,
+        run: Callable[[], Awaitable[None]],
+        *,
+        alive: Callable[[], bool],
+        on_restart: Callable[[], None] | None = None,
+    ) -> None:
+        """Run ``run()`` until it returns; an unexpected error is logged with its traceback
+        and ``run`` restarted (after ``on_restart()``) while ``alive()``. Cancellation (the
+        registry closing) ends it; nothing else leaves this task."""
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while alive():
+            began = loop.time()
+            try:
+                await run()
+                return
+            except Exception:
+                attempt = 0 if loop.time() - began > RESTART_QUIET else attempt + 1
+                log.exception("%s failed unexpectedly; restarting it", what)
+            # back-off between restarts, not synchronisation
+            await asyncio.sleep(RESTART_BACKOFF.delay(attempt - 1))
+            if on_restart is not None and alive():
+                on_restart()
 
     def _check_open(self) -> None:
         if self._state != "open":
@@ -177,8 +224,14 @@ class Registry:
             confirm_timeout=cfg.confirm_timeout,
         )
         await reg._register()
-        assert self._tg is not None
-        reg._task = self._tg.create_task(reg.heartbeat_loop(), name=f"heartbeat-{instance_id}")
+        reg._task = self._spawn(
+            self._supervise(
+                f"heartbeats of {service}/{instance_id}",
+                reg.heartbeat_loop,
+                alive=lambda: reg.active,
+            ),
+            name=f"heartbeat-{instance_id}",
+        )
         self._registrations.append(reg)
         log.info("registered service=%s instance=%s address=%s", service, instance_id, address)
         return reg
@@ -199,15 +252,41 @@ class Registry:
         return await self._rpc.services(self.settings.client.request_timeout)
 
     async def watch(self, service: str, *, resync_interval: float | None = 30.0) -> ServiceView:
-        """A live view of ``service`` (shared per registry; loaded before it returns)."""
+        """A live view of ``service`` (shared per registry; loaded before it returns).
+
+        Concurrent first calls for one service share one load and get the same view; if
+        the load fails (no worker answers: RequestTimeout) each of them gets the error,
+        nothing stays open, and a later call tries again."""
         self._check_open()
         _check_service(service)
         view = self._views.get(service)
         if view is not None:
             return view
+        starting = self._starting.get(service)
+        if starting is None:
+            starting = asyncio.create_task(
+                self._start_view(service, resync_interval), name=f"watch-load-{service}"
+            )
+            self._starting[service] = starting
+            starting.add_done_callback(functools.partial(self._loaded, service))
+        try:
+            # shielded: a caller that gives up does not take the load from the others
+            return await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if starting.cancelled() and (task is None or not task.cancelling()):
+                raise ClosedError("the registry closed while the view was loading") from None
+            raise
+
+    def _loaded(self, service: str, task: asyncio.Task[ServiceView]) -> None:
+        if self._starting.get(service) is task:
+            del self._starting[service]
+        if not task.cancelled():
+            task.exception()  # retrieved here too: its callers may all have given up
+
+    async def _start_view(self, service: str, resync_interval: float | None) -> ServiceView:
         assert self._amqp is not None
         assert self._rpc is not None
-        assert self._tg is not None
         view = ServiceView(
             service,
             self._amqp,
@@ -217,9 +296,25 @@ class Registry:
             queue_max=self.settings.client.watch_queue_max,
             resync_interval=resync_interval,
         )
-        await view.start()
+        try:
+            await view.start()
+            if self._state != "open":
+                raise ClosedError("the registry closed while the view was loading")
+        except BaseException:
+            # a view without its first snapshot has nothing to check deltas against: close
+            # the channel and queue it opened instead of leaving them to the connection
+            await view.close()
+            raise
         self._views[service] = view
-        self._tg.create_task(view.run(), name=f"watch-{service}")
+        self._spawn(
+            self._supervise(
+                f"watch of {service}",
+                view.run,
+                alive=lambda: not view.closed,
+                on_restart=view.request_resync,
+            ),
+            name=f"watch-{service}",
+        )
         return view
 
     def consume_group(

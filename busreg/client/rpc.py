@@ -29,6 +29,13 @@ __all__ = ["RpcClient"]
 ATTEMPT_TIMEOUT = 1.0
 #: A request that timed out is resent at once: each attempt already waited its timeout.
 RESEND = Backoff(first=0.0, cap=0.0)
+#: Pause before asking again a worker that said its partition is rebuilding (replaying the
+#: stream after a Redis data loss; that takes a second or a few).
+NOT_READY_PAUSE = 0.2
+
+
+class _NotReady(Exception):
+    """The partition is rebuilding: ask again shortly (internal to RpcClient.call)."""
 
 log = logging.getLogger("busreg.client")
 
@@ -62,7 +69,8 @@ class RpcClient:
         is simply accepted or dropped)."""
         assert self._queue is not None, "RpcClient.start() first"
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        # one future per round of resends: a late reply to an earlier send still counts
+        futures: list[asyncio.Future[dict[str, Any]]] = [loop.create_future()]
         body = request.model_dump_json().encode()
         deadline = loop.time() + timeout
         cids: list[str] = []
@@ -72,6 +80,7 @@ class RpcClient:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise TimeoutError
+            future = futures[-1]
             cid = uuid.uuid4().hex
             cids.append(cid)
             self._pending[cid] = future
@@ -88,7 +97,13 @@ class RpcClient:
                     routing_key=c.rpc_queue(self._namespace),
                 )
             async with asyncio.timeout(wait):
-                return await asyncio.shield(future)
+                reply = await asyncio.shield(future)
+            if reply.get("error") == "rebuilding":
+                # what the partition holds now is not the registry's answer: wait for it
+                futures.append(loop.create_future())
+                await asyncio.sleep(min(NOT_READY_PAUSE, max(0.0, deadline - loop.time())))
+                raise _NotReady(reply.get("detail"))
+            return reply
 
         try:
             reply = await retrying(
@@ -96,10 +111,12 @@ class RpcClient:
                 what=f"snapshot request ({request.op})",
                 log=log,
                 backoff=RESEND,
-                retry_on=(TimeoutError,),
+                retry_on=(TimeoutError, _NotReady),
                 deadline=timeout,
                 level=logging.DEBUG,  # a resend is routine: a worker was busy or going away
             )
+        except _NotReady as exc:
+            raise RequestTimeout(f"no answer within {timeout}s: {exc}") from None
         except TimeoutError:
             raise RequestTimeout(
                 f"no worker answered within {timeout}s "

@@ -3,8 +3,12 @@
 The view binds its own queue to the service's delta exchange *before* reading the snapshot,
 so no change can fall between the two; deltas at or below the snapshot's revision are
 dropped, and a skipped revision or a new epoch makes the view re-read the snapshot. The
-queue is bounded (oldest dropped on overflow): a slow view loses deltas, sees the gap and
-recovers by snapshot instead of growing without limit.
+broker queue and the view's own inbox are both bounded by ``client.watch_queue_max``: the
+queue is consumed without acks, so the broker pushes as fast as it can and the inbox is
+where a slow view falls behind. A full inbox is dropped whole and replaced by one snapshot
+read (see ``_offer``), so a slow view costs a resync, never memory and never correctness.
+An unexpected error while applying a delta is logged and answered the same way: the delta
+is lost, so the view re-reads the snapshot; the loop itself never ends for it.
 
     view = await registry.watch("inventory")
     view.instances            # {instance_id: Instance}, always consistent with .revision
@@ -15,6 +19,7 @@ recovers by snapshot instead of growing without limit.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -102,7 +107,9 @@ class ServiceView:
         self._timeout = request_timeout
         self._queue_max = queue_max
         self._resync_interval = resync_interval
-        self._inbox: asyncio.Queue[Delta | _Resync | None] = asyncio.Queue()
+        # bounded like the broker queue: see _offer for what a full inbox means
+        self._inbox: asyncio.Queue[Delta | _Resync | None] = asyncio.Queue(queue_max)
+        self._overflow_pending = False
         self._listeners: list[asyncio.Queue[Change | None]] = []
         self._updated = asyncio.Condition()
         self._closed = False
@@ -111,6 +118,10 @@ class ServiceView:
         self.resyncs = 0
         self._failures = RetryLog(log, f"watch {service}")
         self.deltas_applied = 0
+        #: Times the inbox overflowed (each answered by one snapshot read).
+        self.overflows = 0
+        #: Unexpected errors in the run loop (each logged and answered by a resync).
+        self.errors = 0
 
     # --- public -------------------------------------------------------------------------------
 
@@ -157,9 +168,51 @@ class ServiceView:
         # deltas published while we were disconnected are gone: re-read after a reconnect
         self._connection.reconnect_callbacks.add(self._on_reconnect)
 
-    def _on_reconnect(self, *_: object) -> None:
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def request_resync(self) -> None:
+        """Have the run loop re-read the snapshot soon (ignored once closed)."""
         if not self._closed:
-            self._inbox.put_nowait(RESYNC)
+            self._offer(RESYNC)
+
+    def _on_reconnect(self, *_: object) -> None:
+        self.request_resync()
+
+    def _offer(self, item: Delta | _Resync) -> None:
+        """Queue ``item`` for the run loop; a full inbox is dropped whole for a resync.
+
+        Once a delta cannot be queued the view has lost it, and the queued ones are only
+        worth the snapshot that will supersede them: drop them all and queue one RESYNC
+        (with ``item`` behind it). Overflows while that RESYNC is still queued are the same
+        overflow: the inbox is emptied again but the one pending snapshot read covers them,
+        so there is exactly one resync per overflow, not one per dropped delta."""
+        if not self._inbox.full():
+            self._inbox.put_nowait(item)
+            return
+        dropped = self._drain()
+        if self._overflow_pending:
+            log.debug("watch inbox of %s overflowed again; dropped %d", self.service, dropped)
+        else:
+            self.overflows += 1
+            self._overflow_pending = True
+            log.warning(
+                "watch inbox of %s full (%d); dropped %d deltas, re-reading the snapshot",
+                self.service,
+                self._inbox.maxsize,
+                dropped,
+            )
+        self._inbox.put_nowait(RESYNC)
+        if item is not RESYNC:
+            self._inbox.put_nowait(item)
+
+    def _drain(self) -> int:
+        dropped = 0
+        while not self._inbox.empty():
+            self._inbox.get_nowait()
+            dropped += 1
+        return dropped
 
     async def _bind(self) -> None:
         with translate(f"watch {self.service}"):
@@ -181,7 +234,7 @@ class ServiceView:
         except ValidationError as exc:
             log.warning("ignoring malformed delta on %s: %s", self.service, validation_message(exc))
             return
-        self._inbox.put_nowait(delta)
+        self._offer(delta)
 
     async def run(self) -> None:
         """Apply deltas in order; re-read the snapshot on gaps and periodically."""
@@ -193,33 +246,56 @@ class ServiceView:
                     delta = await self._inbox.get()
             except TimeoutError:
                 next_check = loop.time() + (self._resync_interval or float("inf"))
-                await self._safe(self._periodic_check)
+                await self._guarded(lambda: self._safe(self._periodic_check))
                 continue
             if delta is None:
                 return
-            if isinstance(delta, _Resync):
-                if not await self._safe(self.resync):
-                    self._retry_resync_later()
-                continue
+            await self._guarded(functools.partial(self._handle, delta))
+
+    async def _guarded(self, step: Callable[[], Awaitable[object]]) -> None:
+        """Run one step of the loop; an unexpected error is logged and answered by a resync.
+
+        A bug, or an error nobody foresaw, must not end the view (nor, through the
+        registry, anything else): whatever was being applied is lost, so the view may be
+        wrong, and it re-reads the snapshot, after a pause so a lasting error cannot spin."""
+        try:
+            await step()
+        except Exception as exc:
+            self.errors += 1
+            if self._failures.failures == 0:
+                log.error(
+                    "unexpected error in the watch of %s; re-reading the snapshot",
+                    self.service,
+                    exc_info=exc,
+                )
+            self._failures.failed(exc)
+            self._retry_resync_later()
+
+    async def _handle(self, delta: Delta | _Resync) -> None:
+        if isinstance(delta, _Resync):
+            self._overflow_pending = False  # later overflows need a later snapshot
+            if not await self._safe(self.resync):
+                self._retry_resync_later()
+            return
+        outcome, change = self.state.apply(delta)
+        if outcome is Outcome.APPLIED and change is not None:
+            self.deltas_applied += 1
+            await self._emit([change])
+        elif outcome is Outcome.GAP:
+            log.info(
+                "revision gap service=%s have=%s/%d got=%s/%d; re-reading snapshot",
+                self.service,
+                self.state.epoch,
+                self.state.revision,
+                delta.epoch,
+                delta.revision,
+            )
+            if not await self._safe(self.resync):
+                self._retry_resync_later()
+                return
             outcome, change = self.state.apply(delta)
             if outcome is Outcome.APPLIED and change is not None:
-                self.deltas_applied += 1
                 await self._emit([change])
-            elif outcome is Outcome.GAP:
-                log.info(
-                    "revision gap service=%s have=%s/%d got=%s/%d; re-reading snapshot",
-                    self.service,
-                    self.state.epoch,
-                    self.state.revision,
-                    delta.epoch,
-                    delta.revision,
-                )
-                if not await self._safe(self.resync):
-                    self._retry_resync_later()
-                    continue
-                outcome, change = self.state.apply(delta)
-                if outcome is Outcome.APPLIED and change is not None:
-                    await self._emit([change])
 
     async def _periodic_check(self) -> None:
         # our queue may have been deleted (operator, broker restart without recovery): a
@@ -274,6 +350,7 @@ class ServiceView:
             return
         self._closed = True
         self._connection.reconnect_callbacks.discard(self._on_reconnect)
+        self._drain()  # nothing queued matters any more, and the end marker must fit
         self._inbox.put_nowait(None)
         for queue in self._listeners:
             queue.put_nowait(None)

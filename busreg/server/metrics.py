@@ -98,8 +98,9 @@ class _ProbeState:
 class WorkerCollector(Collector):
     """Metrics of one live Worker, read at scrape time.
 
-    ``collect`` only reads memory; ``refresh`` (awaited by the worker's metrics server
-    before each scrape) adds what Redis and the stream know, at most once a second."""
+    ``collect`` runs in prometheus_client's HTTP thread and hands the work to the worker's
+    event loop: ``refresh`` adds what Redis and the stream know (at most once a second),
+    then the families are built from the worker's memory there."""
 
     def __init__(self, worker: MetricsSource) -> None:
         self._worker = worker

@@ -115,7 +115,12 @@ class RpcServer:
             return {"v": 1, "services": rows}
         if request.service is None:
             return {"v": 1, "error": "invalid-request", "detail": "snapshot needs a service"}
-        rows_ = await self._store.snapshot(partition_for(request.service, parts), request.service)
+        k = partition_for(request.service, parts)
+        rows_ = await self._store.snapshot(k, request.service)
+        if rows_.rebuilding:
+            # half a replay is not the registry's state: the client asks again shortly and
+            # a live view keeps what it has meanwhile
+            return {"v": 1, "error": "rebuilding", "detail": f"partition {k} is rebuilding"}
         snap = Snapshot(
             service=request.service,
             epoch=rows_.epoch,

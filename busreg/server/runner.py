@@ -13,30 +13,29 @@ Three loops run under one TaskGroup:
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, TypeVar
 
+import aio_pika
 import aiormq
 import orjson
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from busreg import constants as c
 from busreg.backoff import Backoff, retrying
-from busreg.errors import BusregError, Fenced, InvalidEvent, PublishFailed
+from busreg.errors import BusregError, Fenced, PublishFailed
+from busreg.server.encoding import BatchEncoder
 from busreg.server.stats import PartitionStats
 from busreg.server.store import ApplyResult, Lease, PartitionStore
 from busreg.settings import Settings
+from busreg.tasks import close_quietly
 from busreg.transport.connections import translate, translate_stream
-from busreg.transport.streams import StreamWriter
+from busreg.transport.streams import StreamWriter, peek_heads
 from busreg.transport.topology import declare_service_exchange
-from busreg.wire.auth import Authorizer
-from busreg.wire.codec import UNAUTHORISED, WRONG_PARTITION, decode_ingest, encode_stored
-from busreg.wire.models import Deregister, Tick
-from busreg.wire.routing import partition_for
+from busreg.wire.models import Tick
 
 __all__ = ["PartitionRunner"]
 
@@ -44,11 +43,9 @@ log = logging.getLogger("busreg.worker")
 T = TypeVar("T")
 
 SEP = c.FIELD_SEPARATOR
-#: Dead letters keep at most this much of the original message: enough to see what sent it.
-#: The whole message stays in the retained stream at (stream, offset); copying it into the
-#: Redis outbox would let a flood of garbage fill a noeviction Redis (64 KiB became ~87 KB
-#: of base64 per bad message).
-DEAD_LETTER_BODY_MAX = 512
+#: Bound on the service exchanges one runner remembers as declared (then it forgets them all
+#: and declares each again on its next use), whatever number of services a partition sees.
+DECLARED_MAX = 100_000
 
 
 class PartitionRunner:
@@ -59,8 +56,6 @@ class PartitionRunner:
         store: PartitionStore,
         consumer: Any,
         ticks: StreamWriter,
-        channel: AbstractChannel,
-        declared: set[str],
         worker_id: str,
     ) -> None:
         self.lease = lease
@@ -70,8 +65,18 @@ class PartitionRunner:
         self.stats = PartitionStats(offset=lease.offset)
         self.consumer = consumer  # this partition's own stream connection (the worker closes it)
         self._ticks = ticks
-        self._channel = channel
-        self._declared = declared
+        # Deltas go out on this runner's own AMQP connection and confirm channel, opened on
+        # first use and again after any failed publish. A publish the broker refuses (404: an
+        # operator deleted the exchange) closes its channel, and aiormq then still sends the
+        # publishes queued behind it, which the broker answers by closing the whole
+        # connection (504). On the worker's shared connection (or channel) one service's
+        # missing exchange failed every partition's deltas and the RPC replies.
+        self._worker_id = worker_id
+        self._amqp: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        #: service exchanges this runner declared; a failed publish forgets the ones its
+        #: batch used (an operator may have deleted one), so the retry declares them again
+        self._declared: set[str] = set()
         self._stream = c.ingest_partition(settings.namespace, self.partition)
         self._tick = orjson.dumps(Tick(worker=worker_id).model_dump())
         self._buf: list[tuple[int, int, bytes]] = []
@@ -82,15 +87,13 @@ class PartitionRunner:
         self._stopping = asyncio.Event()
         self._applied_all = asyncio.Event()
         self._last_delivery = 0.0
+        #: True while this runner's tick loop runs (see StandbyTicker)
+        self.ticking = False
         self._subscriber_id: int | None = None
+        #: head of the stream when a partition without committed offset was taken (-1: none)
+        self._rebuild_until = -1
         self._failure: BusregError | None = None
-        self._partition_cache: dict[str, int] = {}
-        auth = settings.auth
-        self._authorizer = (
-            Authorizer(auth.secret_bytes(), auth.owners, auth.accept_unsigned_amqp)
-            if auth.mode == "enforce"
-            else None
-        )
+        self._encoder = BatchEncoder(settings, self.partition, self.stats)
 
     @property
     def stream(self) -> str:
@@ -115,7 +118,10 @@ class PartitionRunner:
         if self.lease.offset >= 0:
             spec = ConsumerOffsetSpecification(OffsetType.OFFSET, self.lease.offset + 1)
         else:
-            # no committed offset: rebuild from the recent past (heartbeats carry everything)
+            # no committed offset: rebuild from the recent past (heartbeats carry everything),
+            # quietly up to where the stream ends now (apply.lua, "Rebuild")
+            heads = await peek_heads(self.consumer, self.settings, [self.partition])
+            self._rebuild_until = heads[self.partition]
             since = int((time.time() - self.settings.worker.replay_window) * 1000)
             spec = ConsumerOffsetSpecification(OffsetType.TIMESTAMP, since)
         with translate_stream(f"subscribe {self._stream}"):
@@ -148,6 +154,11 @@ class PartitionRunner:
         try:
             await self._drain_once_all()  # entries a previous owner committed but never sent
             await self._subscribe()
+            if self.lease.offset < 0:
+                # a partition taken without committed offset is marked for a rebuild; tell
+                # the script at once how far it reaches (or that nothing is to be replayed),
+                # so snapshots are refused only while history is really being replayed
+                await self._retrying("rebuild mark", self._mark_rebuild)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._apply_loop(), name=f"apply-{self.partition}")
                 tg.create_task(self._drain_loop(), name=f"drain-{self.partition}")
@@ -161,90 +172,26 @@ class PartitionRunner:
             # no unsubscribe round trip: deliveries after stop() are dropped, and the
             # worker closes this partition's connection once the lease is released
             self._subscriber_id = None
+            await self._drop_connection()
 
     # --- apply ------------------------------------------------------------------------------
 
-    def _dead_letter(self, reason: str, detail: str, offset: int, body: bytes) -> str:
-        self.stats.dead_lettered += 1
-        self.stats.dead_by_reason[reason] = self.stats.dead_by_reason.get(reason, 0) + 1
-        record = {
-            "v": c.PROTOCOL_VERSION,
-            "reason": reason,
-            "detail": detail[:500],
-            "stream": self._stream,
-            "partition": self.partition,
-            "offset": offset,
-            "size": len(body),
-            "body_b64": base64.b64encode(body[:DEAD_LETTER_BODY_MAX]).decode(),
-        }
-        dlx = c.dead_letter_exchange(self.settings.namespace)
-        return f"{dlx}{SEP}{reason}{SEP}" + orjson.dumps(record).decode()
-
-    def _encode(self, batch: list[tuple[int, int, bytes]]) -> list[Any]:
-        args: list[Any] = []
-        parts = self.settings.partitions
-        cache = self._partition_cache
-        for offset, ts, body in batch:
-            try:
-                decoded = decode_ingest(body)
-                event = decoded.event
-                if isinstance(event, Tick):
-                    args += (offset, ts, "N", "", "", "", 0, "")
-                    continue
-                k = cache.get(event.service)
-                if k is None:
-                    k = cache[event.service] = partition_for(event.service, parts)
-                    if len(cache) > 100_000:  # bounded memory whatever arrives
-                        cache.clear()
-                if k != self.partition:
-                    raise InvalidEvent(
-                        WRONG_PARTITION, f"service {event.service!r} belongs to partition {k}"
-                    )
-                if self._authorizer is not None:
-                    refusal = self._authorizer.check(
-                        event.service, decoded.payload, decoded.signature, decoded.user_id
-                    )
-                    if refusal is not None:
-                        raise InvalidEvent(UNAUTHORISED, refusal)
-                version = f"{event.incarnation:020d}{event.seq:016d}"
-                if isinstance(event, Deregister):
-                    args += (offset, ts, "D", event.service, event.instance_id, version, 0, "")
-                else:
-                    args += (
-                        offset,
-                        ts,
-                        "U",
-                        event.service,
-                        event.instance_id,
-                        version,
-                        int(event.ttl * 1000),
-                        encode_stored(event),
-                    )
-            except Exception as exc:  # one bad message must never stop a partition
-                bad = exc if isinstance(exc, InvalidEvent) else None
-                if bad is None:
-                    log.exception(
-                        "unexpected decode failure partition=%d offset=%d", self.partition, offset
-                    )
-                    bad = InvalidEvent("invalid", f"decoder failure: {exc!r}")
-                log.warning(
-                    "dead-letter partition=%d offset=%d reason=%s detail=%s",
-                    self.partition,
-                    offset,
-                    bad.reason,
-                    bad.detail[:200],
-                )
-                dead = self._dead_letter(bad.reason, bad.detail, offset, body)
-                args += (offset, ts, "N", "", "", "", 0, dead)
-        return args
-
-    async def _apply_loop(self) -> None:
+    def _limits(self) -> tuple[int, int, int]:
         wcfg = self.settings.worker
-        limits = (
+        return (
             int(wcfg.max_clock_step * 1000),
             int(wcfg.tombstone_ttl * 1000),
             int(wcfg.outage_grace * 1000),
         )
+
+    async def _mark_rebuild(self) -> ApplyResult:
+        return await self.store.apply(
+            self.lease, [], 0, *self._limits(), rebuild_until=self._rebuild_until
+        )
+
+    async def _apply_loop(self) -> None:
+        wcfg = self.settings.worker
+        limits = self._limits()
         # One batch is in Redis while the next is decoded: decoding is most of the worker's
         # CPU, and this overlaps it with the script's round trip. Batches still commit in
         # order: batch n+1 is sent only after batch n's result came back.
@@ -284,9 +231,16 @@ class PartitionRunner:
                     self._has_data.clear()
                 if len(self._buf) < wcfg.buffer_max // 2:
                     self._space.set()
-                args = self._encode(batch)
+                args = self._encoder.encode(batch)
                 await finish()
-                apply = partial(self.store.apply, self.lease, args, len(batch), *limits)
+                apply = partial(
+                    self.store.apply,
+                    self.lease,
+                    args,
+                    len(batch),
+                    *limits,
+                    rebuild_until=self._rebuild_until,
+                )
                 # owned by this loop: awaited by finish() or cancelled below, never lost
                 inflight = asyncio.ensure_future(self._retrying("apply", apply))
         finally:
@@ -324,19 +278,69 @@ class PartitionRunner:
 
     # --- outbox -----------------------------------------------------------------------------
 
-    async def _publish(self, entries: list[bytes]) -> None:
+    async def _publish_channel(self) -> AbstractChannel:
+        """This runner's confirm channel, on its own connection; both are opened when
+        missing or closed. Plain, not robust: a robust channel or connection re-opens itself
+        behind our back (a robust channel re-declares every exchange it ever declared,
+        deleted ones included) and races the retry; here the retry opens new ones."""
         channel = self._channel
+        if channel is not None and not channel.is_closed:
+            return channel
+        self._channel = None
+        what = f"open publish channel of partition {self.partition}"
+        with translate(what):
+            async with asyncio.timeout(c.WORKER_BROKER_TIMEOUT):
+                if self._amqp is None or self._amqp.is_closed:
+                    await self._drop_connection()
+                    name = f"busreg-worker {self._worker_id} p{self.partition} publish"
+                    self._amqp = await aio_pika.connect(
+                        self.settings.amqp_url, client_properties={"connection_name": name}
+                    )
+                channel = await self._amqp.channel(publisher_confirms=True)
+        self._channel = channel
+        return channel
+
+    async def _drop_connection(self) -> None:
+        """Close this runner's publish channel and connection (best effort, bounded)."""
+        channel, self._channel = self._channel, None
+        amqp, self._amqp = self._amqp, None
+        what = f"publish connection of partition {self.partition}"
+        if channel is not None and not channel.is_closed:
+            await close_quietly(channel.close, what, timeout=1.0)
+        if amqp is not None and not amqp.is_closed:
+            await close_quietly(amqp.close, what, timeout=1.0)
+
+    async def _publish(self, entries: list[bytes]) -> None:
         ns = self.settings.namespace
+        prefix = c.service_exchange(ns, "")
+        parsed = [raw.split(SEP.encode(), 2) for raw in entries]
+        try:
+            await self._publish_parsed(parsed, prefix)
+        except BusregError:
+            # Whatever failed, nothing of this batch is trimmed from the outbox (only
+            # confirmed entries are), and the retry starts clean: its exchanges are declared
+            # again (a 404 means one was deleted since we declared it), on a new connection
+            # (the broker closed the channel on the 404, and the connection too if more
+            # publishes followed; after a missing confirm both are in doubt).
+            self._declared.difference_update(exchange.decode() for exchange, _, _ in parsed)
+            await self._drop_connection()
+            raise
+        self.stats.published += len(entries)
+
+    async def _publish_parsed(self, parsed: list[list[bytes]], prefix: str) -> None:
+        channel = await self._publish_channel()
         futures = []
         with translate("publish deltas"):
-            for raw in entries:
-                exchange, routing_key, body = raw.split(SEP.encode(), 2)
+            for exchange, routing_key, body in parsed:
                 name = exchange.decode()
-                prefix = c.service_exchange(ns, "")
                 if name not in self._declared and name.startswith(prefix):
                     # per-service exchanges are made on first use (the dead-letter
                     # exchange is part of the topology)
-                    await declare_service_exchange(channel, ns, name[len(prefix) :])
+                    await declare_service_exchange(
+                        channel, self.settings.namespace, name[len(prefix) :]
+                    )
+                    if len(self._declared) >= DECLARED_MAX:
+                        self._declared.clear()
                     self._declared.add(name)
                 underlay = await channel.get_underlay_channel()
                 # aiormq serialises publishes under a FIFO lock, so starting them in order
@@ -360,7 +364,7 @@ class PartitionRunner:
                 for f in futures:
                     f.cancel()
                 raise PublishFailed(
-                    f"no confirm for {len(entries)} deltas within {c.WORKER_BROKER_TIMEOUT}s"
+                    f"no confirm for {len(parsed)} deltas within {c.WORKER_BROKER_TIMEOUT}s"
                 ) from None
         for r in results:
             if isinstance(r, BaseException):
@@ -368,7 +372,6 @@ class PartitionRunner:
                     raise r
             if isinstance(r, aiormq.spec.Basic.Nack):
                 raise BusregError("broker nacked a delta publish")
-        self.stats.published += len(entries)
 
     async def _outbox_step(self, confirmed_upto: int) -> tuple[int, list[bytes]]:
         batch = self.settings.worker.outbox_batch
@@ -404,6 +407,15 @@ class PartitionRunner:
     # --- watermark ticks ----------------------------------------------------------------------
 
     async def _tick_loop(self) -> None:
+        # while this is False (connecting, subscribing, handing over) the worker's standby
+        # ticker keeps ticking the partition, so no gap opens in its stream
+        self.ticking = True
+        try:
+            await self._ticks_until_stopped()
+        finally:
+            self.ticking = False
+
+    async def _ticks_until_stopped(self) -> None:
         interval = self.settings.worker.tick_interval
         while not self._stopping.is_set():
             # a periodic timer, not synchronisation: wake at the tick rate or on stop

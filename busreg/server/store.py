@@ -54,6 +54,9 @@ class SnapshotRows:
     epoch: str
     revision: int
     instances: list[Instance]
+    #: the partition has no state yet, or is replaying history after a data loss: what
+    #: it holds is not the registry's answer
+    rebuilding: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +151,12 @@ class PartitionStore:
         max_step_ms: int,
         tombstone_ms: int,
         grace_ms: int,
+        rebuild_until: int = -1,
     ) -> ApplyResult:
-        """Apply ``count`` encoded events (8 args each, see apply.lua); raises Fenced."""
+        """Apply ``count`` encoded events (8 args each, see apply.lua); raises Fenced.
+
+        ``rebuild_until``: the stream's head offset when this owner started a partition
+        that had no committed offset (it replays history quietly up to there)."""
         exchange_prefix = c.service_exchange(self.namespace, "")
         started = time.perf_counter()
         with translate(f"apply batch to partition {lease.partition}"):
@@ -157,7 +164,7 @@ class PartitionStore:
                 keys=[self.prefix(lease.partition)],
                 args=[
                     lease.token, max_step_ms, tombstone_ms, exchange_prefix, count, grace_ms,
-                    *args,
+                    rebuild_until, *args,
                 ],
             )
         if self.observe_apply is not None:
@@ -180,10 +187,12 @@ class PartitionStore:
 
     async def snapshot(self, partition: int, service: str) -> SnapshotRows:
         with translate(f"snapshot of {service}"):
-            epoch, rev, rows = await self._snapshot(keys=[self.prefix(partition)], args=[service])
+            epoch, rev, rows, rebuilding = await self._snapshot(
+                keys=[self.prefix(partition)], args=[service]
+            )
         instances = [Instance.model_validate_json(r) for r in rows]
         instances.sort(key=lambda i: i.instance_id)
-        return SnapshotRows(_s(epoch), int(_s(rev)), instances)
+        return SnapshotRows(_s(epoch), int(_s(rev)), instances, bool(int(rebuilding)))
 
     async def services(self, partition: int) -> list[ServiceRow]:
         with translate(f"services of partition {partition}"):

@@ -37,6 +37,7 @@ from busreg.server.rpc_server import RpcServer
 from busreg.server.runner import PartitionRunner
 from busreg.server.stats import PartitionStats, WorkerStatus
 from busreg.server.store import PartitionStore
+from busreg.server.ticker import StandbyTicker
 from busreg.settings import Settings
 from busreg.tasks import cancel_until_done, close_quietly
 from busreg.transport.connections import connect_amqp, connect_redis, stream_consumer, translate
@@ -83,7 +84,6 @@ class Worker:
         self._opened = False
         self._owned: dict[int, _Owned] = {}
         self._live: list[str] = []
-        self._declared: set[str] = set()
         self._redis: aioredis.Redis | None = None
         self._amqp: AbstractRobustConnection | None = None
         self._ticks: StreamWriter | None = None
@@ -94,6 +94,7 @@ class Worker:
         self._retired: dict[int, PartitionStats] = {}
         self.metrics: WorkerMetrics | None = None
         self._rpc: RpcServer | None = None
+        self._standby: StandbyTicker | None = None
         self._ownership = asyncio.Condition()
         # partition -> (monotonic time before which we do not retry it, failures so far)
         self._backoff: dict[int, tuple[float, int]] = {}
@@ -114,6 +115,12 @@ class Worker:
             probe = await stream_consumer(self.settings, "busreg-worker-probe")
             await close_quietly(probe.close, "stream probe")
             self._ticks = StreamWriter(self.settings, f"busreg-ticks-{self.worker_id}")
+            self._standby = StandbyTicker(
+                self.settings,
+                self._ticks,
+                self.worker_id,
+                lambda: {k for k, o in self._owned.items() if o.runner.ticking},
+            )
         except BaseException:
             await self._close()
             raise
@@ -210,9 +217,12 @@ class Worker:
 
     async def _serve(self) -> None:
         assert self._rpc is not None
+        assert self._standby is not None
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             rpc = tg.create_task(self._rpc.serve(), name="rpc")
+            # stops with phase 1: a leaving worker's ticks would only add noise
+            tg.create_task(self._standby.run(self._stopping), name="standby-ticks")
             await self._control_loop()
             # phase 1: stop taking work; others may take our partitions once released
             try:
@@ -294,7 +304,6 @@ class Worker:
 
     async def _try_acquire(self, k: int, lease_ms: int) -> None:
         assert self.store is not None
-        assert self._publish_channel is not None
         lease = await self.store.acquire(k, self.worker_id, lease_ms)
         if lease is None:
             return
@@ -325,9 +334,7 @@ class Worker:
             self.store,
             consumer,
             self._ticks,
-            self._publish_channel,
-            self._declared,
-            self.worker_id,
+            self.worker_id,  # deltas go out on the runner's own connection, not ours
         )
         task = self._tg.create_task(self._run_partition(runner), name=f"partition-{k}")
         self._owned[k] = _Owned(runner, task)

@@ -1,7 +1,7 @@
 """apply.lua on a real Redis, driven directly with synthetic broker timestamps.
 
 No worker and no broker: each test acquires a partition lease, calls
-``PartitionStore.apply`` with events encoded like ``PartitionRunner._encode`` (8 args each:
+``PartitionStore.apply`` with events encoded like ``BatchEncoder.encode`` (8 args each:
 offset, broker ts, op, service, instance id, version, ttl ms, payload) and reads the
 partition back (state hash, snapshot, tombstones, outbox). Every row names the invariant of
 docs/design.md it pins: 2 exactly-once effect (versions, tombstones, offsets), 4 no false
@@ -43,7 +43,7 @@ TOMB_CAP = 500
 Event = tuple[Any, ...]
 
 
-# --- events, encoded as PartitionRunner._encode does --------------------------------------
+# --- events, encoded as BatchEncoder.encode does --------------------------------------
 
 
 def _version(inc: int, seq: int) -> str:
@@ -434,3 +434,49 @@ async def test_wrong_fencing_token_raises_fenced_and_writes_nothing(
     res = await _apply(store, new, batch)  # the current token writes
     assert (res.offset, res.applied) == (4, 2)
     assert {i.instance_id for i in (await store.snapshot(P, SVC)).instances} == {"c"}
+
+
+async def test_rebuild_replays_history_quietly_then_announces_the_caught_up_state(
+    store: PartitionStore,
+) -> None:
+    """Invariants 4 and 5 after a Redis data loss: replaying the stream's history must not
+    announce transitions that happened long ago (an instance dead for minutes announced
+    ``added`` again), and no snapshot may be served from a half-rebuilt partition. Before,
+    the replay published every past transition as new deltas and snapshots showed
+    whatever the replay had reached."""
+    lease = await _lease(store)  # fresh state: acquire marks it for a rebuild
+    assert (await store.snapshot(P, SVC)).rebuilding
+    history = [
+        up(0, T, "gone", ttl_ms=1_000),  # expires during the replay
+        up(1, T + 100, "left"),
+        down(2, T + 200, "left", seq=2),  # deregistered during the replay
+        up(3, T + 300, "live"),
+    ]
+    history += [tick(4 + i, T + 400 + i * 500) for i in range(4)]  # 1.9 s of clock
+    head = 7  # the stream's head when the rebuild began
+    args = [a for ev in history[:5] for a in ev]
+    await store.apply(lease, args, 5, MAX_STEP, TOMB_MS, GRACE_MS, rebuild_until=head)
+    assert await _outbox(store) == []  # history announces nothing
+    snap = await store.snapshot(P, SVC)
+    assert snap.rebuilding
+    assert snap.revision == 0
+    args = [a for ev in history[5:] for a in ev]
+    await store.apply(lease, args, 3, MAX_STEP, TOMB_MS, GRACE_MS, rebuild_until=head)
+    # caught up: the state it arrived at, once, as the new epoch's first revisions
+    assert await _outbox(store) == [("added", 1, None, "live")]
+    snap = await store.snapshot(P, SVC)
+    assert not snap.rebuilding
+    assert (snap.revision, [i.instance_id for i in snap.instances]) == (1, ["live"])
+    # and from then on deltas as usual
+    await _apply(store, lease, [down(8, T + 2_000, "live", seq=2)])
+    assert (await _outbox(store))[-1] == ("removed", 2, "deregistered", "live")
+
+
+async def test_a_fresh_partition_with_an_empty_stream_rebuilds_nothing(
+    store: PartitionStore,
+) -> None:
+    """A first start (nothing in the stream: head -1) announces from the first event."""
+    lease = await _lease(store)
+    await store.apply(lease, list(up(0, T, "a")), 1, MAX_STEP, TOMB_MS, GRACE_MS)
+    assert await _outbox(store) == [("added", 1, None, "a")]
+    assert not (await store.snapshot(P, SVC)).rebuilding

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -235,16 +234,13 @@ def test_snapshot_request(schemas: dict[str, dict[str, Any]], document: Any, ok:
 
 
 def test_dead_letter_as_the_partition_writes_it(schemas: dict[str, dict[str, Any]]) -> None:
-    from busreg.server.runner import PartitionRunner
+    from busreg.server.encoding import BatchEncoder
+    from busreg.server.stats import PartitionStats
+    from busreg.settings import Settings
 
-    runner = SimpleNamespace(
-        stats=SimpleNamespace(dead_lettered=0, dead_by_reason={}),
-        partition=3,
-        settings=SimpleNamespace(namespace="busreg"),
-        _stream=c.ingest_partition("busreg", 3),
-    )
+    encoder = BatchEncoder(Settings(namespace="busreg"), 3, PartitionStats())
     body = b"\x00garbage\xff" * 10
-    entry = PartitionRunner._dead_letter(runner, "malformed", "x" * 900, 42, body)  # type: ignore[arg-type]
+    entry = encoder._dead_letter("malformed", "x" * 900, 42, body)
     exchange, reason, record = entry.split(c.FIELD_SEPARATOR, 2)
     assert (exchange, reason) == (c.dead_letter_exchange("busreg"), "malformed")
     document = json.loads(record)

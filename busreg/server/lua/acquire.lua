@@ -16,8 +16,10 @@ end
 local st = p .. 'state'
 local epoch = redis.call('HGET', st, 'epoch')
 if not epoch then
+  -- new state: a first start, or Redis lost the partition; the first apply decides
+  -- whether history must be replayed quietly first (see apply.lua, "Rebuild")
   epoch = ARGV[3]
-  redis.call('HSET', st, 'epoch', epoch)
+  redis.call('HSET', st, 'epoch', epoch, 'rebuild', 'pending')
 end
 local token = epoch .. '/' .. redis.call('HINCRBY', st, 'fence_n', 1) .. '.' .. ARGV[4]
 redis.call('HSET', st, 'fence', token)

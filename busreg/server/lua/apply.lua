@@ -5,6 +5,7 @@
 -- ARGV[2]  max lease-clock step (ms)   ARGV[3] tombstone TTL (ms)
 -- ARGV[4]  service exchange prefix     ARGV[5] number of events
 -- ARGV[6]  outage grace (ms)
+-- ARGV[7]  rebuild until: the stream's head offset when a rebuild began (-1: none known)
 -- then 8 fields per event: offset, broker ts (ms), op, service, instance id,
 --   version ("%020d%016d" of incarnation, seq: compares as a string), ttl (ms), payload
 --   op U = register/heartbeat (payload: stored instance JSON, see s:<svc>)
@@ -23,6 +24,14 @@
 --   rev        hash  svc -> revision (grows by one per visible change)
 --   outbox     list  "<exchange><US><routing key><US><body>" awaiting publish
 --
+-- Rebuild after a data loss: acquire.lua marks a partition whose state it had to create
+-- anew (state.rebuild = "pending"); the first batch turns that into the stream offset the
+-- rebuild must reach (ARGV[7]), or clears it when nothing was there to replay. Until the
+-- partition has applied that offset, events change state but announce nothing (no delta,
+-- no revision): a replay of history must not tell subscribers about transitions that
+-- happened long ago. Once caught up, every live instance is announced once ("added", the
+-- new epoch's revisions 1..n), so subscribers converge on the caught-up state.
+--
 -- The partition clock advances with the broker timestamps of consumed events, by at most
 -- max_step per event: it is a watermark of what was read, so a lagging worker or a broker
 -- outage never expires a healthy instance (invariant 4). A larger jump means nobody could
@@ -35,10 +44,11 @@ local tomb_ms = tonumber(ARGV[3])
 local exch = ARGV[4]
 local n = tonumber(ARGV[5])
 local grace = tonumber(ARGV[6])
-local FIRST = 6  -- events start after this many ARGV slots
+local FIRST = 7  -- events start after this many ARGV slots
 
 local st = p .. 'state'
-local cur = redis.call('HMGET', st, 'fence', 'epoch', 'offset', 'last_ts', 'clock', 'grace_until')
+local cur = redis.call('HMGET', st, 'fence', 'epoch', 'offset', 'last_ts', 'clock', 'grace_until',
+  'rebuild')
 if cur[1] ~= token then
   return redis.error_reply('FENCED token ' .. token .. ' is not current')
 end
@@ -47,6 +57,19 @@ local offset = tonumber(cur[3]) or -1
 local last_ts = tonumber(cur[4])
 local clock = tonumber(cur[5])
 local grace_until = tonumber(cur[6]) or 0
+local rebuild = cur[7]
+if rebuild == 'pending' then
+  local target = tonumber(ARGV[7])
+  if target >= 0 and offset < target then
+    rebuild = target
+    redis.call('HSET', st, 'rebuild', target)
+  else
+    rebuild = false
+    redis.call('HDEL', st, 'rebuild')
+  end
+else
+  rebuild = tonumber(rebuild)
+end
 
 local revs, dls = p .. 'rev', p .. 'deadlines'
 local tomb, tombdl, outbox = p .. 'tomb', p .. 'tombdl', p .. 'outbox'
@@ -61,6 +84,7 @@ local function full(service, iid, stored)
 end
 
 local function announce(service, kind, inst, reason)
+  if rebuild then return end  -- replaying history: state only (see the header)
   local rev = redis.call('HINCRBY', revs, service, 1)
   local body = '{"v":1,"kind":"' .. kind .. '","service":"' .. service .. '","epoch":"' .. epoch
     .. '","revision":' .. rev .. ',"instance":' .. inst .. ',"reason":'
@@ -180,6 +204,19 @@ if clock ~= nil then
   end
   redis.call('HSET', st, 'offset', offset, 'last_ts', last_ts, 'clock', clock,
     'grace_until', grace_until)
+end
+if rebuild and offset >= rebuild then
+  -- caught up: announce the state the replay arrived at, once
+  rebuild = false
+  redis.call('HDEL', st, 'rebuild')
+  local live = redis.call('ZRANGE', dls, 0, -1)
+  table.sort(live)
+  for _, field in ipairs(live) do
+    local cut = string.find(field, SEP, 1, true)
+    local service, iid = string.sub(field, 1, cut - 1), string.sub(field, cut + 1)
+    local entry = redis.call('HGET', p .. 's:' .. service, iid)
+    if entry then announce(service, 'added', full(service, iid, string.sub(entry, VW + 1)), nil) end
+  end
 end
 if applied > 0 then redis.call('HINCRBY', st, 'applied', applied) end
 if stale > 0 then redis.call('HINCRBY', st, 'stale', stale) end

@@ -1,10 +1,13 @@
 -- One service's instances and revision, read atomically. KEYS[1] prefix; ARGV[1] service
 -- Entries are version (36 bytes) .. stored JSON (no service, instance_id: see apply.lua);
--- subscribers get the full instance JSON.
+-- subscribers get the full instance JSON. The 4th element is 1 while the partition has no
+-- state yet or is rebuilding it (apply.lua): what it holds then is not the registry's.
 local p = KEYS[1]
 local service = ARGV[1]
 local VW = 36  -- version width, as in apply.lua
-local epoch = redis.call('HGET', p .. 'state', 'epoch') or ''
+local st = redis.call('HMGET', p .. 'state', 'epoch', 'rebuild')
+local epoch = st[1] or ''
+local rebuilding = (st[1] == false or st[2] ~= false) and 1 or 0
 local rev = redis.call('HGET', p .. 'rev', service) or '0'
 local all = redis.call('HGETALL', p .. 's:' .. service)
 local out = {}
@@ -12,4 +15,4 @@ for i = 1, #all, 2 do
   out[#out + 1] = '{"instance_id":"' .. all[i] .. '","service":"' .. service .. '",'
     .. string.sub(all[i + 1], VW + 2)  -- past the version and the stored JSON's '{'
 end
-return {epoch, rev, out}
+return {epoch, rev, out, rebuilding}
