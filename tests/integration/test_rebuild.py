@@ -80,6 +80,16 @@ async def test_redis_data_loss_is_rebuilt_silently(
         ]
         assert [d.revision for d in sorted(group, key=lambda d: d.revision)] == [1, 2, 3]
         assert missing == []
+        # the namespace cleanup knows services, not their groups: delete what we declared
+        from busreg import constants as c
+        from busreg.transport.connections import connect_amqp
+
+        conn = await connect_amqp(settings, "rebuild-cleanup")
+        try:
+            channel = await conn.channel()
+            await channel.queue_delete(c.group_queue(settings.namespace, SERVICE, "audit"))
+        finally:
+            await conn.close()
         snapshot = await watcher.snapshot(SERVICE)
         assert snapshot.epoch == view.epoch
         assert set(view.instances) == {i.instance_id for i in snapshot.instances} == live
