@@ -67,7 +67,6 @@ def full_permissions(name: str) -> dict[str, str]:
 def build(namespace: str, partitions: int, busreg_password: str) -> dict[str, Any]:
     # Imported here so that --help works even when busreg is half-written.
     from busreg import constants as c
-    from busreg.constants import DEAD_LETTER_MAX, RPC_MESSAGE_TTL_MS
     from busreg.settings import Settings
     from busreg.transport.topology import service_user_permissions
 
@@ -130,7 +129,7 @@ def build(namespace: str, partitions: int, busreg_password: str) -> dict[str, An
             "vhost": VHOST,
             "durable": True,
             "auto_delete": False,
-            "arguments": {"x-message-ttl": RPC_MESSAGE_TTL_MS},
+            "arguments": c.rpc_queue_arguments(),
         }
     )
     queues.append(
@@ -139,7 +138,7 @@ def build(namespace: str, partitions: int, busreg_password: str) -> dict[str, An
             "vhost": VHOST,
             "durable": True,
             "auto_delete": False,
-            "arguments": {"x-max-length": DEAD_LETTER_MAX, "x-overflow": "drop-head"},
+            "arguments": c.dead_letter_queue_arguments(),
         }
     )
     bindings.append(

@@ -6,6 +6,8 @@ registries (or two test runs) sharing one broker and one Redis never see each ot
 
 from __future__ import annotations
 
+from typing import Any
+
 #: Version of the event, delta and snapshot contracts. Bump on an incompatible change;
 #: workers dead-letter events of a version they do not know (invariant 6).
 PROTOCOL_VERSION = 1
@@ -86,6 +88,21 @@ KEY_WORKERS = "workers"  # zset worker id -> membership deadline (Redis ms), clu
 RPC_MESSAGE_TTL_MS = 10_000
 #: Dead letters kept for operators; beyond this the oldest are dropped (bounded memory).
 DEAD_LETTER_MAX = 100_000
+
+
+def rpc_queue_arguments() -> dict[str, Any]:
+    """Arguments of ``<ns>.rpc``. Quorum: a classic queue lives on one node, and with that
+    node gone no worker could answer a snapshot request (RabbitMQ >= 3.10 keeps message TTL
+    on quorum queues)."""
+    return {"x-queue-type": "quorum", "x-message-ttl": RPC_MESSAGE_TTL_MS}
+
+
+def dead_letter_queue_arguments() -> dict[str, Any]:
+    """Arguments of ``<ns>.deadletter``: quorum (replicated, so dead letters survive a node
+    loss), bounded, oldest dropped first."""
+    return {"x-queue-type": "quorum", "x-max-length": DEAD_LETTER_MAX, "x-overflow": "drop-head"}
+
+
 #: Deliveries of one delta to a consumer group before it is dead-lettered (a handler that
 #: raises on it).
 DELIVERY_LIMIT = 5
@@ -145,3 +162,8 @@ DEFAULT_CONFIRM_TIMEOUT = 5.0
 #: not pin a partition (its runner retries, or hands the partition back). rstream's own
 #: request timeout is 10 s per request, and a subscribe makes several.
 WORKER_BROKER_TIMEOUT = 5.0
+#: How long a starting worker keeps trying to reach Redis, the broker and the stream port
+#: (connection errors only; refused credentials end it at once). A worker restarted while
+#: one of them is briefly away (a restart, a failover, a flaky path) comes up once it is
+#: back instead of exiting; past this it is an outage or a wrong URL, and it says so.
+WORKER_START_TIMEOUT = 30.0

@@ -113,6 +113,9 @@ class _Connection:
         self.client = client
         self.upstream: asyncio.StreamWriter | None = None
         self.task: asyncio.Task[None] | None = None
+        #: set = flowing; cleared for a connection accepted under stall_new_connections()
+        self.flowing = asyncio.Event()
+        self.flowing.set()
 
     def abort(self) -> None:
         """Reset both sides and stop the pumps (which may be held by a stall)."""
@@ -149,6 +152,8 @@ class FaultProxy:
         self._refusing = False
         self._drop_budget = 0
         self._dropped_on: set[_Connection] = set()
+        self._hold_new = 0
+        self._held: set[_Connection] = set()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -241,10 +246,25 @@ class FaultProxy:
             self._flowing[d].clear()
         self.stats.record("stall", direction)
 
+    def stall_new_connections(self, count: int = 1) -> None:
+        """Hold the next ``count`` connections accepted from now on, in both directions,
+        until :meth:`resume`; connections already open keep flowing.
+
+        One client among many hangs (a connect or a request on a fresh connection that
+        gets no answer) while the rest of its traffic goes through: what a per-connection
+        fault looks like, e.g. one partition's new stream connection of a worker."""
+        if count < 1:
+            raise ValueError("count must be >= 1")
+        self._hold_new += count
+
     def resume(self) -> None:
         """Release every stall; held bytes are forwarded (to whoever is still listening)."""
         for event in self._flowing.values():
             event.set()
+        for conn in self._held:
+            conn.flowing.set()
+        self._held.clear()
+        self._hold_new = 0
 
     def reset_all(self) -> int:
         """Abort every open connection with a TCP reset, both to client and to upstream.
@@ -365,6 +385,11 @@ class FaultProxy:
             self.stats.record("refuse", f"connection {self.stats.connections}")
             return
         conn = _Connection(writer)
+        if self._hold_new > 0:
+            self._hold_new -= 1
+            conn.flowing.clear()
+            self._held.add(conn)
+            self.stats.record("stall", f"new connection {self.stats.connections}")
         conn.task = self._spawn(
             self._serve(conn, reader), name=f"faultproxy-conn-{self.stats.connections}"
         )
@@ -392,6 +417,7 @@ class FaultProxy:
         finally:
             self._connections.discard(conn)
             self._dropped_on.discard(conn)
+            self._held.discard(conn)
             if not orderly:  # cancelled, upstream unreachable, or a bug: no open sockets
                 conn.abort()
 
@@ -414,8 +440,9 @@ class FaultProxy:
                 latency = self._delay[direction]
                 if latency > 0:
                     await asyncio.sleep(latency)  # the injected latency itself
-                while not flowing.is_set():
+                while not (flowing.is_set() and conn.flowing.is_set()):
                     await flowing.wait()
+                    await conn.flowing.wait()
                 if direction == "down" and self._drop_budget > 0:
                     self._drop_budget -= 1
                     self.stats.record("drop", f"{len(data)} bytes")

@@ -23,6 +23,7 @@ from busreg.server.store import PartitionStore
 from busreg.settings import Settings
 from busreg.tasks import close_quietly
 from busreg.transport.connections import translate
+from busreg.transport.migration import queue_has_arguments
 from busreg.wire.models import Snapshot, SnapshotRequest, validation_message
 from busreg.wire.routing import partition_for
 
@@ -54,16 +55,29 @@ class RpcServer:
 
     async def serve(self) -> None:
         """Consume until cancelled."""
+        name = c.rpc_queue(self._settings.namespace)
         with translate("rpc consumer"):
+            # A namespace from an older busreg has a classic rpc queue, which this worker
+            # serves as it is until `busreg topology apply` migrates it (a worker must not
+            # delete a queue other workers consume). After the migration the broker cancels
+            # our consumer and the robust channel subscribes to the new queue.
+            current = await queue_has_arguments(self._connection, name, c.rpc_queue_arguments())
+            if current is False:
+                log.warning(
+                    "queue %s is a classic queue (namespace from an older busreg): served as "
+                    "it is; run `busreg topology apply` to make it a quorum queue",
+                    name,
+                )
             channel = await self._connection.channel()
             await channel.set_qos(prefetch_count=PREFETCH)
             # declared (same arguments as the topology), not just looked up: the robust
             # channel then re-creates the consumer after a broker restart
-            queue = await channel.declare_queue(
-                c.rpc_queue(self._settings.namespace),
-                durable=True,
-                arguments={"x-message-ttl": c.RPC_MESSAGE_TTL_MS},
-            )
+            if current is False:
+                queue = await channel.declare_queue(name, passive=True)
+            else:
+                queue = await channel.declare_queue(
+                    name, durable=True, arguments=c.rpc_queue_arguments()
+                )
             await queue.consume(self._on_request)
         try:
             await asyncio.Future()  # consume until cancelled

@@ -26,7 +26,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from busreg import constants as c
 from busreg.backoff import Backoff, retrying
-from busreg.errors import BusregError, Fenced, PublishFailed
+from busreg.errors import BusregError, ConnectionFailed, Fenced, PublishFailed
 from busreg.server.encoding import BatchEncoder
 from busreg.server.stats import PartitionStats
 from busreg.server.store import ApplyResult, Lease, PartitionStore
@@ -54,7 +54,7 @@ class PartitionRunner:
         lease: Lease,
         settings: Settings,
         store: PartitionStore,
-        consumer: Any,
+        connect: Callable[[], Awaitable[Any]],
         ticks: StreamWriter,
         worker_id: str,
     ) -> None:
@@ -63,7 +63,11 @@ class PartitionRunner:
         self.settings = settings
         self.store = store
         self.stats = PartitionStats(offset=lease.offset)
-        self.consumer = consumer  # this partition's own stream connection (the worker closes it)
+        # this partition's own stream connection, opened by run() (the worker closes it):
+        # connecting here, not in the worker's control loop, keeps a slow or stalled
+        # connect from holding up the worker's leases and its other partitions
+        self._connect = connect
+        self.consumer: Any = None
         self._ticks = ticks
         # Deltas go out on this runner's own AMQP connection and confirm channel, opened on
         # first use and again after any failed publish. A publish the broker refuses (404: an
@@ -152,6 +156,7 @@ class PartitionRunner:
     async def run(self) -> None:
         """Run until stopped (returns) or fenced (raises Fenced)."""
         try:
+            self.consumer = await self._connect()
             await self._drain_once_all()  # entries a previous owner committed but never sent
             await self._subscribe()
             if self.lease.offset < 0:
@@ -296,7 +301,13 @@ class PartitionRunner:
                     self._amqp = await aio_pika.connect(
                         self.settings.amqp_url, client_properties={"connection_name": name}
                     )
-                channel = await self._amqp.channel(publisher_confirms=True)
+                try:
+                    channel = await self._amqp.channel(publisher_confirms=True)
+                except RuntimeError as exc:
+                    # aiormq's "<Connection ...> closed": the connection was reset and
+                    # aio-pika has not noticed yet; seen under the soak's AMQP resets
+                    await self._drop_connection()
+                    raise ConnectionFailed(f"{what}: connection closed") from exc
         self._channel = channel
         return channel
 

@@ -9,6 +9,10 @@ an instance together had the instance removed ~10 s late. With standby ticks, a 
 partition's stream means what the grace assumes it means: no one could write to the
 broker. They cost ``(W - 1) * P / standby_tick_interval`` small messages a second.
 
+The worker makes one round before it joins the live set (``Worker._serve``): declaring a
+stream's publisher costs a round trip per partition on first use, and a worker that has just
+joined can be the only one left a moment later.
+
 A tick changes no state, so it needs no lease: the owner applies it like any tick (it only
 moves the watermark), and a tick a second worker writes twice is harmless.
 """

@@ -24,14 +24,17 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Self
 
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
-from busreg.backoff import Backoff
-from busreg.errors import BusregError, ClosedError, ConnectionFailed, Fenced
+from busreg import constants as c
+from busreg.backoff import Backoff, retrying
+from busreg.errors import AuthenticationFailed, BusregError, ClosedError, ConnectionFailed, Fenced
 from busreg.server.assignment import assigned
+from busreg.server.membership import Membership, Owned
 from busreg.server.metrics import WorkerMetrics
 from busreg.server.rpc_server import RpcServer
 from busreg.server.runner import PartitionRunner
@@ -59,16 +62,6 @@ CONTROL_INTERVAL = 0.1
 PARTITION_BACKOFF = Backoff(first=0.2, cap=2.0)
 
 
-class _Owned:
-    def __init__(self, runner: PartitionRunner, task: asyncio.Task[None]) -> None:
-        self.runner = runner
-        self.task = task
-        self.handing_over = False
-        #: when a handover that has not finished by then is cut short (monotonic seconds)
-        self.handover_deadline = 0.0
-        self.cut_short = False
-
-
 class Worker:
     """A shard worker. ``async with Worker(settings) as w: await w.run()``."""
 
@@ -82,8 +75,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._closed = False
         self._opened = False
-        self._owned: dict[int, _Owned] = {}
-        self._live: list[str] = []
+        self._owned: dict[int, Owned] = {}
         self._redis: aioredis.Redis | None = None
         self._amqp: AbstractRobustConnection | None = None
         self._ticks: StreamWriter | None = None
@@ -98,11 +90,31 @@ class Worker:
         self._ownership = asyncio.Condition()
         # partition -> (monotonic time before which we do not retry it, failures so far)
         self._backoff: dict[int, tuple[float, int]] = {}
+        #: partitions whose acquisition is under way (one task each, in parallel)
+        self._acquiring: dict[int, asyncio.Task[None]] = {}
+        self._membership: Membership | None = None
 
     async def __aenter__(self) -> Self:
         if self._closed or self._opened:
             raise ClosedError("a Worker can be entered once; create a new one")
         self._opened = True
+        try:
+            await retrying(
+                self._connect,
+                what=f"worker {self.worker_id} start",
+                log=log,
+                backoff=PARTITION_BACKOFF,
+                retry_on=(ConnectionFailed,),
+                fatal=(AuthenticationFailed,),
+                deadline=c.WORKER_START_TIMEOUT,
+            )
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def _connect(self) -> None:
+        """Open Redis, AMQP and a stream probe; on any failure close what was opened."""
         try:
             self._redis = await connect_redis(self.settings)
             self.store = PartitionStore(self._redis, self.settings.namespace)
@@ -122,21 +134,26 @@ class Worker:
                 lambda: {k for k, o in self._owned.items() if o.runner.ticking},
             )
         except BaseException:
-            await self._close()
+            await self._release_connections()
             raise
-        return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self._close()
 
     async def _close(self) -> None:
         self._closed = True
-        if self._ticks is not None:
-            await close_quietly(self._ticks.close, "tick writer")
-        if self._amqp is not None:
-            await close_quietly(self._amqp.close, "worker AMQP connection")
-        if self._redis is not None:
-            await close_quietly(self._redis.aclose, "worker Redis connection")
+        await self._release_connections()
+
+    async def _release_connections(self) -> None:
+        ticks, self._ticks = self._ticks, None
+        amqp, self._amqp = self._amqp, None
+        redis, self._redis = self._redis, None
+        if ticks is not None:
+            await close_quietly(ticks.close, "tick writer")
+        if amqp is not None:
+            await close_quietly(amqp.close, "worker AMQP connection")
+        if redis is not None:
+            await close_quietly(redis.aclose, "worker Redis connection")
 
     async def _on_stream_closed(self, info: Any) -> None:
         # rstream does not resubscribe by itself (and must not: it would resume from its own
@@ -170,7 +187,9 @@ class Worker:
 
     def status(self) -> WorkerStatus:
         return WorkerStatus(
-            self.worker_id, list(self._live), {k: o.runner.stats for k, o in self._owned.items()}
+            self.worker_id,
+            [] if self._membership is None else list(self._membership.live),
+            {k: o.runner.stats for k, o in self._owned.items()},
         )
 
     def retired_stats(self) -> dict[int, PartitionStats]:
@@ -221,15 +240,30 @@ class Worker:
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             rpc = tg.create_task(self._rpc.serve(), name="rpc")
+            # Able to stand by before joining: a worker that has just joined may be the
+            # only other one left when an owner dies, and its first ticks used to take over
+            # a second (publishers are declared on first use), long enough to open the
+            # outage grace on the partitions it was about to take over.
+            await self._standby.tick_once(timeout=c.WORKER_BROKER_TIMEOUT)
             # stops with phase 1: a leaving worker's ticks would only add noise
             tg.create_task(self._standby.run(self._stopping), name="standby-ticks")
+            assert self.store is not None
+            self._membership = Membership(self.settings, self.store, self.worker_id, self._owned)
+            membership = tg.create_task(self._membership.run(), name="membership")
             await self._control_loop()
-            # phase 1: stop taking work; others may take our partitions once released
+            # phase 1: stop taking work; others may take our partitions once released. The
+            # membership task stops heartbeating but keeps renewing the leases we still
+            # hold, so a long drain is not cut short by a lease that lapsed meanwhile.
+            self._membership.leave()
             try:
                 assert self.store is not None
                 await self.store.leave(self.worker_id)
             except BusregError as exc:
                 log.warning("leave failed: %s", exc)
+            if self._acquiring:
+                # each releases what it got once it sees we are stopping
+                await asyncio.wait(self._acquiring.values(), timeout=c.WORKER_BROKER_TIMEOUT)
+                await cancel_until_done(list(self._acquiring.values()))
             for owned in self._owned.values():
                 owned.runner.stop()
             # phase 2: drain with a deadline, then cancel what is left
@@ -239,47 +273,51 @@ class Worker:
                 for task in pending:
                     log.warning("drain deadline passed; cancelling %s", task.get_name())
                 await cancel_until_done(pending)
-            await cancel_until_done([rpc])
+            await cancel_until_done([rpc, membership])
+
+    # --- assignment: handovers and acquisitions ---------------------------------------------
 
     async def _control_loop(self) -> None:
-        assert self.store is not None
+        # no Redis or broker call in here: acquisitions run on their own tasks (in
+        # parallel) and membership on its own, so one slow call holds up nothing else
+        assert self._membership is not None
+        joined = self._membership.joined
+        waits = [asyncio.ensure_future(e.wait()) for e in (joined, self._stopping)]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await cancel_until_done(waits)
         lease_ms = int(self.settings.worker.lease_ttl * 1000)
-        renew_every = self.settings.worker.lease_ttl / 3
-        last_renew = 0.0
         while not self._stopping.is_set():
-            try:
-                _, self._live = await self.store.heartbeat_worker(self.worker_id, lease_ms)
-                mine = self._assigned()
-                if time.monotonic() - last_renew >= renew_every:
-                    last_renew = time.monotonic()
-                    await self._renew_all(lease_ms)
-                for k, owned in list(self._owned.items()):
-                    if k not in mine and not owned.handing_over:
-                        log.info("partition handover partition=%d worker=%s", k, self.worker_id)
-                        owned.handing_over = True
-                        owned.handover_deadline = (
-                            time.monotonic() + self.settings.worker.drain_timeout
+            mine = self._assigned()
+            now = time.monotonic()
+            for k, owned in list(self._owned.items()):
+                if owned.lost:
+                    owned.task.cancel()  # every round until it ends: a cancel can be lost
+                elif k not in mine and not owned.handing_over:
+                    log.info("partition handover partition=%d worker=%s", k, self.worker_id)
+                    owned.handing_over = True
+                    owned.handover_deadline = now + self.settings.worker.drain_timeout
+                    owned.runner.stop()
+                elif owned.handing_over and now > owned.handover_deadline:
+                    # A runner stuck on the broker (a request or confirm that never comes)
+                    # must not keep the partition from its new owner. Cutting it short is
+                    # exact: what it applied is committed with its offset and outbox, and
+                    # the next owner reads and publishes the rest.
+                    if not owned.cut_short:
+                        owned.cut_short = True
+                        log.warning(
+                            "partition handover overran partition=%d worker=%s after=%.1fs",
+                            k,
+                            self.worker_id,
+                            self.settings.worker.drain_timeout,
                         )
-                        owned.runner.stop()
-                    elif owned.handing_over and time.monotonic() > owned.handover_deadline:
-                        # A runner stuck on the broker (a request or confirm that never
-                        # comes) must not keep the partition from its new owner. Cutting it
-                        # short is exact: what it applied is committed with its offset and
-                        # outbox, and the next owner reads and publishes the rest.
-                        if not owned.cut_short:
-                            owned.cut_short = True
-                            log.warning(
-                                "partition handover overran partition=%d worker=%s after=%.1fs",
-                                k, self.worker_id, self.settings.worker.drain_timeout,
-                            )
-                        # every round until it ends: a cancel can be lost (cancel_until_done)
-                        owned.task.cancel()
-                now = time.monotonic()
-                for k in sorted(mine - self._owned.keys()):
-                    if self._backoff.get(k, (0.0, 0))[0] <= now:
-                        await self._try_acquire(k, lease_ms)
-            except BusregError as exc:
-                log.warning("control loop: %s", exc)
+                    owned.task.cancel()  # every round until it ends: a cancel can be lost
+            for k in sorted(mine - self._owned.keys() - self._acquiring.keys()):
+                if self._backoff.get(k, (0.0, 0))[0] <= now:
+                    self._acquiring[k] = self._tg.create_task(
+                        self._acquire(k, lease_ms), name=f"acquire-{k}"
+                    )
             try:
                 async with asyncio.timeout(CONTROL_INTERVAL):
                     await self._stopping.wait()
@@ -287,25 +325,32 @@ class Worker:
                 pass
 
     def _assigned(self) -> set[int]:
-        return assigned(self._live, self.worker_id, self.settings.partitions)
+        live = [] if self._membership is None else self._membership.live
+        return assigned(live, self.worker_id, self.settings.partitions)
 
-    async def _renew_all(self, lease_ms: int) -> None:
-        assert self.store is not None
-        for k, owned in list(self._owned.items()):
-            if not await self.store.renew(owned.runner.lease, lease_ms):
-                log.warning(
-                    "partition fenced partition=%d worker=%s (lease lost)", k, self.worker_id
-                )
-                owned.task.cancel()
-                # let it unsubscribe before anyone (we included) subscribes again
-                await asyncio.wait([owned.task], timeout=5)
-                self._owned.pop(k, None)
-                await self._ownership_changed()
+    async def _acquire(self, k: int, lease_ms: int) -> None:
+        """Take partition ``k`` if its lease is free, and start its runner.
 
-    async def _try_acquire(self, k: int, lease_ms: int) -> None:
+        If the acquisition ran but its reply was lost, the lease is ours under a token we
+        never saw; the next attempt replaces it (acquire.lua gives a worker its own lease
+        again, with a new token), or it lapses within ``lease_ttl``."""
         assert self.store is not None
-        lease = await self.store.acquire(k, self.worker_id, lease_ms)
+        try:
+            try:
+                async with asyncio.timeout(c.WORKER_BROKER_TIMEOUT):
+                    lease = await self.store.acquire(k, self.worker_id, lease_ms)
+            except TimeoutError as exc:
+                raise ConnectionFailed(f"acquire partition {k}: no reply") from exc
+        except BusregError as exc:
+            self._acquiring.pop(k, None)
+            self._back_off(k, exc)
+            return
         if lease is None:
+            self._acquiring.pop(k, None)
+            return
+        if self._stopping.is_set():
+            self._acquiring.pop(k, None)
+            await close_quietly(partial(self.store.release, lease), "release of a late lease")
             return
         log.info(
             "partition acquired partition=%d worker=%s token=%s offset=%d",
@@ -318,26 +363,25 @@ class Worker:
         # one stream connection per owned partition: on a shared one, deliveries of one
         # partition wait behind the others' (measured: register -> watcher p50 267 ms over
         # 8 partitions at 10k heartbeats/s, 3.4 ms with a connection each)
-        try:
-            consumer = await stream_consumer(
-                self.settings,
-                f"busreg-worker-{self.worker_id}-p{k}",
-                on_close=self._on_stream_closed,
-            )
-        except BusregError as exc:
-            self._back_off(k, exc)
-            await self.store.release(lease)
-            return
+        connect = partial(
+            stream_consumer,
+            self.settings,
+            f"busreg-worker-{self.worker_id}-p{k}",
+            on_close=self._on_stream_closed,
+        )
         runner = PartitionRunner(
             lease,
             self.settings,
             self.store,
-            consumer,
+            connect,
             self._ticks,
             self.worker_id,  # deltas go out on the runner's own connection, not ours
         )
         task = self._tg.create_task(self._run_partition(runner), name=f"partition-{k}")
-        self._owned[k] = _Owned(runner, task)
+        # owned before no longer acquiring, with no await between: the control loop never
+        # sees k in neither (it would acquire again and fence this runner)
+        self._owned[k] = Owned(runner, task)
+        self._acquiring.pop(k, None)
         await self._ownership_changed()
 
     def _back_off(self, k: int, exc: BusregError) -> None:
@@ -346,7 +390,10 @@ class Worker:
         self._backoff[k] = (time.monotonic() + delay, failures + 1)
         log.error(
             "partition failed partition=%d worker=%s retry_in=%.1fs: %s",
-            k, self.worker_id, delay, exc,
+            k,
+            self.worker_id,
+            delay,
+            exc,
         )
 
     async def _run_partition(self, runner: PartitionRunner) -> None:
@@ -366,6 +413,7 @@ class Worker:
             self._retire(runner)
             owned = self._owned.get(k)
             if owned is not None and owned.runner is runner:
+                fenced = fenced or owned.lost  # nothing to release: it is someone else's
                 del self._owned[k]
             await self._ownership_changed()
             # release first, close after: a standby may take the partition at once, while
@@ -376,4 +424,5 @@ class Worker:
                     log.info("partition released partition=%d worker=%s", k, self.worker_id)
                 except BusregError as exc:
                     log.warning("release failed partition=%d: %s", k, exc)
-            await close_quietly(runner.consumer.close, "partition consumer")
+            if runner.consumer is not None:
+                await close_quietly(runner.consumer.close, "partition consumer")

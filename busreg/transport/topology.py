@@ -3,8 +3,9 @@
 * ``<ns>.ingest``: the ingest super stream, laid out as RabbitMQ's tooling does it: a direct
   exchange with ``x-super-stream: true`` and P streams ``<ns>.ingest-<k>`` bound with routing
   key ``"<k>"`` and ``x-stream-partition-order: k``; retention by size, small segments.
-* ``<ns>.rpc``: the snapshot/list request queue all workers share.
-* ``<ns>.deadletter``: fanout exchange and a bounded queue for events that were refused.
+* ``<ns>.rpc``: the snapshot/list request queue all workers share (quorum).
+* ``<ns>.deadletter``: fanout exchange and a bounded quorum queue for events that were
+  refused. Both queues were classic before; ``apply`` migrates them (migration.py).
 * ``<ns>.svc.<service>``: per-service delta exchanges, declared on first use.
 """
 
@@ -21,9 +22,11 @@ from busreg import constants as c
 from busreg.errors import PartitionMismatch, TopologyMissing
 from busreg.settings import Settings
 from busreg.transport.connections import translate
+from busreg.transport.migration import MIGRATING_SUFFIX, ensure_quorum_queue, queue_exists
 
 __all__ = [
     "apply_topology",
+    "declare_ingest",
     "declare_service_exchange",
     "delete_topology",
     "group_queue_arguments",
@@ -32,6 +35,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("busreg.topology")
+
 
 def group_queue_arguments(namespace: str) -> dict[str, Any]:
     """Arguments of a group queue (besides ``x-queue-type: quorum``); FastStream apps
@@ -44,6 +48,28 @@ def group_queue_arguments(namespace: str) -> dict[str, Any]:
     }
 
 
+async def declare_ingest(channel: AbstractChannel, settings: Settings) -> None:
+    """The ingest super stream: exchange, P partition streams, and their bindings."""
+    ns = settings.namespace
+    exchange = await channel.declare_exchange(
+        c.ingest_super_stream(ns),
+        aio_pika.ExchangeType.DIRECT,
+        durable=True,
+        arguments={"x-super-stream": True},
+    )
+    for k in range(settings.partitions):
+        queue = await channel.declare_queue(
+            c.ingest_partition(ns, k),
+            durable=True,
+            arguments={
+                "x-queue-type": "stream",
+                "x-max-length-bytes": settings.stream_max_bytes,
+                "x-stream-max-segment-size-bytes": settings.stream_segment_bytes,
+            },
+        )
+        await queue.bind(exchange, routing_key=str(k), arguments={"x-stream-partition-order": k})
+
+
 async def apply_topology(conn: AbstractConnection, settings: Settings) -> None:
     """Declare everything of ``settings.namespace``; safe to run any number of times."""
     ns = settings.namespace
@@ -51,53 +77,24 @@ async def apply_topology(conn: AbstractConnection, settings: Settings) -> None:
     with translate("topology apply"):
         channel = await conn.channel()
         try:
-            exchange = await channel.declare_exchange(
-                c.ingest_super_stream(ns),
-                aio_pika.ExchangeType.DIRECT,
-                durable=True,
-                arguments={"x-super-stream": True},
-            )
-            for k in range(settings.partitions):
-                queue = await channel.declare_queue(
-                    c.ingest_partition(ns, k),
-                    durable=True,
-                    arguments={
-                        "x-queue-type": "stream",
-                        "x-max-length-bytes": settings.stream_max_bytes,
-                        "x-stream-max-segment-size-bytes": settings.stream_segment_bytes,
-                    },
-                )
-                await queue.bind(
-                    exchange, routing_key=str(k), arguments={"x-stream-partition-order": k}
-                )
-            await channel.declare_queue(
-                c.rpc_queue(ns), durable=True, arguments={"x-message-ttl": c.RPC_MESSAGE_TTL_MS}
-            )
+            await declare_ingest(channel, settings)
             dlx = await channel.declare_exchange(
                 c.dead_letter_exchange(ns), aio_pika.ExchangeType.FANOUT, durable=True
             )
+        finally:
+            await channel.close()
+        # quorum queues, migrated from the classic ones of older namespaces (migration.py)
+        await ensure_quorum_queue(conn, c.rpc_queue(ns), c.rpc_queue_arguments())
+        await ensure_quorum_queue(conn, c.dead_letter_queue(ns), c.dead_letter_queue_arguments())
+        channel = await conn.channel()
+        try:
             dlq = await channel.declare_queue(
-                c.dead_letter_queue(ns),
-                durable=True,
-                arguments={"x-max-length": c.DEAD_LETTER_MAX, "x-overflow": "drop-head"},
+                c.dead_letter_queue(ns), durable=True, arguments=c.dead_letter_queue_arguments()
             )
             await dlq.bind(dlx)
         finally:
             await channel.close()
     log.info("topology applied namespace=%s partitions=%d", ns, settings.partitions)
-
-
-async def _exists(conn: AbstractConnection, queue: str) -> bool:
-    # a failed passive declare closes its channel: use a throwaway one
-    channel = await conn.channel()
-    try:
-        await channel.declare_queue(queue, passive=True)
-    except aio_pika.exceptions.ChannelNotFoundEntity:
-        return False
-    finally:
-        if not channel.is_closed:
-            await channel.close()
-    return True
 
 
 async def verify_partitions(
@@ -111,18 +108,18 @@ async def verify_partitions(
     """
     ns, parts = settings.namespace, settings.partitions
     with translate("topology check"):
-        first = await _exists(conn, c.ingest_partition(ns, 0))
+        first = await queue_exists(conn, c.ingest_partition(ns, 0))
         if not first:
             if allow_missing:
                 return
             raise TopologyMissing(
                 f"namespace {ns!r} has no ingest streams: run `busreg topology apply`"
             )
-        if not await _exists(conn, c.ingest_partition(ns, parts - 1)) or await _exists(
+        if not await queue_exists(conn, c.ingest_partition(ns, parts - 1)) or await queue_exists(
             conn, c.ingest_partition(ns, parts)
         ):
             found = 0
-            while await _exists(conn, c.ingest_partition(ns, found)):
+            while await queue_exists(conn, c.ingest_partition(ns, found)):
                 found += 1
             raise PartitionMismatch(
                 f"namespace {ns!r} has {found} ingest partitions but settings say {parts} "
@@ -173,6 +170,8 @@ async def delete_topology(conn: AbstractConnection, settings: Settings) -> None:
             await channel.exchange_delete(c.ingest_super_stream(ns))
             await channel.queue_delete(c.rpc_queue(ns))
             await channel.queue_delete(c.dead_letter_queue(ns))
+            await channel.queue_delete(c.rpc_queue(ns) + MIGRATING_SUFFIX)
+            await channel.queue_delete(c.dead_letter_queue(ns) + MIGRATING_SUFFIX)
             await channel.exchange_delete(c.dead_letter_exchange(ns))
         finally:
             await channel.close()

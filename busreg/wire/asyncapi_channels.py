@@ -148,7 +148,7 @@ def build_channels() -> dict[str, Any]:
             ["SnapshotRequest"],
             ["namespace"],
             _queue(c.rpc_queue(_NS)),
-            queue_arguments={"x-message-ttl": c.RPC_MESSAGE_TTL_MS},
+            queue_arguments=c.rpc_queue_arguments(),
         ),
         "snapshotReplies": _channel(
             None,
@@ -171,7 +171,7 @@ def build_channels() -> dict[str, Any]:
             ["DeadLetter", "GroupDeadLetter"],
             ["namespace"],
             _queue(c.dead_letter_queue(_NS)),
-            queue_arguments={"x-max-length": c.DEAD_LETTER_MAX, "x-overflow": "drop-head"},
+            queue_arguments=c.dead_letter_queue_arguments(),
         ),
     }
 

@@ -84,3 +84,18 @@ async def partition_states(settings: Settings) -> dict[int, dict[str, str]]:
         return {k: await store.partition_state(k) for k in range(settings.partitions)}
     finally:
         await redis.aclose()
+
+
+async def delete_service_exchanges(settings: Settings, *services: str) -> None:
+    """Delete the exchanges of ``services``: the namespace cleanup knows only the services
+    Redis has revisions for, not those a test merely watched."""
+    from busreg import constants as c
+    from busreg.transport.connections import connect_amqp
+
+    conn = await connect_amqp(settings, "test-exchange-cleanup")
+    try:
+        channel = await conn.channel()
+        for service in services:
+            await channel.exchange_delete(c.service_exchange(settings.namespace, service))
+    finally:
+        await conn.close()

@@ -116,6 +116,23 @@ async def test_stall_times_out_and_resume_recovers(
     assert proxy.stats.faults["stall"] == 1
 
 
+async def test_stall_new_connections_holds_only_those(
+    proxy: FaultProxy, client: Redis, redis_url: str, prefix: str, direct: Redis
+) -> None:
+    await direct.set(f"{prefix}k", b"v")
+    proxy.stall_new_connections(1)
+    late = via(proxy, redis_url)
+    try:
+        with pytest.raises(redis.exceptions.TimeoutError):
+            await late.get(f"{prefix}k")  # the new connection's handshake is held
+        assert await client.get(f"{prefix}k") == b"v"  # the open one still flows
+        proxy.resume()
+        assert await late.get(f"{prefix}k") == b"v"  # (its retry is a third connection)
+        assert proxy.stats.faults["stall"] == 1
+    finally:
+        await late.aclose()
+
+
 async def test_reset_all_breaks_open_connection(
     proxy: FaultProxy, client: Redis, prefix: str
 ) -> None:

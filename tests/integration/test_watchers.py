@@ -22,6 +22,8 @@ from busreg.server.worker import Worker
 from busreg.testing import running_worker
 from busreg.wire.models import Delta, Heartbeat
 
+from .helpers import delete_service_exchanges
+
 pytestmark = pytest.mark.servers
 
 
@@ -104,11 +106,14 @@ async def test_concurrent_watches_of_one_service_share_one_view(
     """Invariant 5: a service has one view per registry, so every caller sees the same
     checked revision; no orphaned view is left running to hold up the registry's close."""
     registry = Registry(busreg_namespace)
-    async with asyncio.timeout(10):
-        async with registry:
-            a, b = await asyncio.gather(registry.watch("x"), registry.watch("x"))
-            await asyncio.gather(registry.warm_up("y", "y"), registry.watch("y"))
-            views = registry.views
+    try:
+        async with asyncio.timeout(10):
+            async with registry:
+                a, b = await asyncio.gather(registry.watch("x"), registry.watch("x"))
+                await asyncio.gather(registry.warm_up("y", "y"), registry.watch("y"))
+                views = registry.views
+    finally:
+        await delete_service_exchanges(busreg_namespace, "x", "y")
     assert a is b
     assert views == {"x": a, "y": views["y"]}
 
