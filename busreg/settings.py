@@ -121,6 +121,53 @@ class ClientSettings(BaseModel):
 
 
 @dataclass(frozen=True)
+class SentinelTarget:
+    """Where Redis is when ``redis_url`` names Sentinels, parsed from
+    ``redis+sentinel://[user:password@]host1:26379,host2:26379/<master name>/<db>``
+    (``rediss+sentinel://`` for TLS to the data nodes). The credentials are the data
+    nodes'; the Sentinels are asked without.
+
+    >>> SentinelTarget.parse("redis+sentinel://a:26379,b:26380/mymaster/2").sentinels
+    (('a', 26379), ('b', 26380))
+    """
+
+    sentinels: tuple[tuple[str, int], ...]
+    master: str
+    db: int
+    username: str | None
+    password: str | None
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelTarget:
+        scheme, _, rest = url.partition("://")
+        if scheme not in ("redis+sentinel", "rediss+sentinel") or not rest:
+            raise ValueError("must look like redis+sentinel://[user:pw@]h1:26379,h2:26379/master/0")
+        netloc, _, path = rest.partition("/")
+        userinfo, _, hosts = netloc.rpartition("@")
+        username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
+        sentinels = []
+        for item in hosts.split(","):
+            host, _, port = item.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"sentinel address {item!r} must be host:port")
+            sentinels.append((host.strip("[]"), int(port)))
+        master, _, db = path.strip("/").partition("/")
+        if not master:
+            raise ValueError("name the Sentinel master: redis+sentinel://h1:26379/<master>/0")
+        if db and not db.isdigit():
+            raise ValueError(f"database {db!r} must be a number")
+        return cls(
+            sentinels=tuple(sentinels),
+            master=unquote(master),
+            db=int(db or 0),
+            username=unquote(username) or None,
+            password=unquote(password) or None,
+            tls=scheme.startswith("rediss"),
+        )
+
+
+@dataclass(frozen=True)
 class StreamEndpoint:
     """Where and how to reach the RabbitMQ stream protocol listener."""
 
@@ -174,9 +221,15 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _check_redis(cls, value: str) -> str:
+        if "+sentinel://" in value:
+            SentinelTarget.parse(value)
+            return value
         parts = _split(value)
         if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
-            raise ValueError("must look like redis://[user:password@]host:6379/0")
+            raise ValueError(
+                "must look like redis://[user:password@]host:6379/0 or "
+                "redis+sentinel://[user:password@]host1:26379,host2:26379/<master>/0"
+            )
         return value
 
     @model_validator(mode="after")
@@ -216,6 +269,10 @@ class Settings(BaseSettings):
                     value = value.get_secret_value()
                 env[f"BUSREG_{group}__{name.upper()}"] = str(value)
         return {k: v for k, v in env.items() if k.removeprefix("BUSREG_") not in exclude}
+
+    def redis_sentinel(self) -> SentinelTarget | None:
+        """The Sentinels and master name if ``redis_url`` names Sentinels, else None."""
+        return SentinelTarget.parse(self.redis_url) if "+sentinel://" in self.redis_url else None
 
     def stream_endpoint(self) -> StreamEndpoint:
         """The stream listener: ``stream_url`` if set, else derived from ``amqp_url``."""

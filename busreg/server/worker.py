@@ -118,6 +118,7 @@ class Worker:
         try:
             self._redis = await connect_redis(self.settings)
             self.store = PartitionStore(self._redis, self.settings.namespace)
+            await self._check_info()
             self._amqp = await connect_amqp(self.settings, f"busreg-worker {self.worker_id}")
             await verify_partitions(self._amqp, self.settings)
             with translate("open publish channel"):
@@ -136,6 +137,20 @@ class Worker:
         except BaseException:
             await self._release_connections()
             raise
+
+    async def _check_info(self) -> None:
+        """apply.lua reads master_replid to notice a failover (see there); say once if the
+        Redis user may not, rather than lose that check in silence."""
+        assert self._redis is not None
+        try:
+            with translate("Redis INFO replication"):
+                await self._redis.info("replication")
+        except AuthenticationFailed:
+            log.warning(
+                "the Redis user may not run INFO: a failover that loses acknowledged writes "
+                "cannot be detected (no new epoch, subscribers keep revisions that may be "
+                "issued again); grant it +info"
+            )
 
     async def __aexit__(self, *exc: object) -> None:
         await self._close()

@@ -63,6 +63,9 @@ def translate(what: str) -> Iterator[None]:
         raise
     except redis_exc.AuthenticationError as exc:
         raise AuthenticationFailed(f"{what}: Redis refused the credentials ({exc})") from exc
+    except redis_exc.ReadOnlyError as exc:
+        # a master demoted to a replica (a failover): retried like a lost connection
+        raise ConnectionFailed(f"{what}: Redis node is a replica now ({exc})") from exc
     except redis_exc.ResponseError as exc:
         if str(exc).startswith("FENCED"):
             raise Fenced(f"{what}: {exc}") from exc
@@ -160,24 +163,60 @@ def _with_hiredis_packing(cls: type[Any]) -> type[Any]:
     return _packing_classes[cls]
 
 
+#: What every busreg Redis client shares, standalone or behind Sentinels.
+_REDIS_OPTIONS: dict[str, Any] = {
+    "socket_timeout": 5.0,
+    "socket_connect_timeout": 5.0,
+    "health_check_interval": 10,
+    # busreg retries its Redis calls in one place (busreg.backoff), each where it knows the
+    # call is idempotent; redis-py's own retries (on by default since 6.0) would re-run a
+    # script whose reply was lost behind busreg's back
+    "retry": Retry(NoBackoff(), 0),
+    "retry_on_timeout": False,
+}
+
+#: A Sentinel that does not answer within this is skipped for the next one: the data
+#: path's own timeouts are longer, but asking where the master is must be quick.
+SENTINEL_TIMEOUT = 0.5
+
+
 async def connect_redis(settings: Settings) -> aioredis.Redis:
-    """A Redis client; checked with PING so a bad URL fails here, not later."""
-    client: aioredis.Redis = aioredis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=5.0,
-        socket_connect_timeout=5.0,
-        health_check_interval=10,
-        # busreg retries its Redis calls in one place (busreg.backoff), each where it
-        # knows the call is idempotent; redis-py's own retries (on by default since 6.0)
-        # would re-run a script whose reply was lost behind busreg's back
-        retry=Retry(NoBackoff(), 0),
-        retry_on_timeout=False,
-    )
-    # from_url chose the class for the URL's scheme; connections are made on first use
+    """A Redis client; checked with PING so a bad URL fails here, not later.
+
+    With ``redis+sentinel://`` the client asks the Sentinels for the master on every new
+    connection, so after a failover it reconnects to the promoted replica by itself (the
+    calls in flight fail as ConnectionFailed, and busreg's retries carry on). redis-py's
+    Script objects load a script again on NOSCRIPT (SCRIPT LOAD is not replicated)."""
+    target = settings.redis_sentinel()
+    client: aioredis.Redis
+    if target is None:
+        client = aioredis.Redis.from_url(settings.redis_url, **_REDIS_OPTIONS)
+        where = _redact(settings.redis_url)
+    else:
+        from redis.asyncio.sentinel import Sentinel
+
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(target.sentinels),
+            sentinel_kwargs={
+                "socket_timeout": SENTINEL_TIMEOUT,
+                "socket_connect_timeout": SENTINEL_TIMEOUT,
+            },
+        )
+        client = sentinel.master_for(
+            target.master,
+            db=target.db,
+            username=target.username,
+            password=target.password,
+            ssl=target.tls,
+            **_REDIS_OPTIONS,
+        )
+        hosts = ",".join(f"{h}:{p}" for h, p in target.sentinels)
+        where = f"master {target.master!r} via Sentinels {hosts}"
+    # the class was chosen for the URL's scheme; connections are made on first use
     pool = client.connection_pool
     pool.connection_class = _with_hiredis_packing(pool.connection_class)
     try:
-        with translate(f"Redis connect to {_redact(settings.redis_url)}"):
+        with translate(f"Redis connect to {where}"):
             await client.ping()
     except BusregError:
         await client.aclose()

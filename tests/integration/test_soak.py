@@ -31,15 +31,13 @@ import signal
 import subprocess
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
-from busreg import DeltaKind, Registry, Settings
+from busreg import Registry, Settings
 from busreg import constants as c
-from busreg.client.registration import Registration
 from busreg.ops.admin import applied_namespace
 from busreg.settings import ClientSettings, WorkerSettings
 from busreg.transport.connections import connect_amqp
@@ -48,6 +46,7 @@ from tests.faultproxy import FaultProxy
 
 from .helpers import eventually, owners, spawn_worker, stop_process
 from .private_servers import PrivateRedis, private_redis
+from .workload import Fleet, Tally, judge
 
 pytestmark = [pytest.mark.servers, pytest.mark.soak, pytest.mark.timeout(600)]
 
@@ -56,41 +55,6 @@ SERVICES = [f"soak{n}" for n in range(10)]
 PER_SERVICE = 10
 #: quiet time at the end: no faults, no churn, for everything to converge
 QUIET = 10.0
-
-
-@dataclass
-class Fleet:
-    """What the test knows to be true: which instances are alive, and since when."""
-
-    alive: dict[str, tuple[str, float]] = field(default_factory=dict)  # id -> (service, since)
-    ended: dict[str, float] = field(default_factory=dict)  # id -> when it stopped
-    heartbeating: set[str] = field(default_factory=set)  # alive and never abandoned
-    regs: dict[str, Registration] = field(default_factory=dict)
-
-
-@dataclass
-class Tally:
-    revisions: set[tuple[str, str, int]] = field(default_factory=set)  # service, epoch, rev
-    false_expiries: list[str] = field(default_factory=list)
-    phantom_adds: list[str] = field(default_factory=list)
-    missing_live: list[str] = field(default_factory=list)
-    removed_seen: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
-
-
-def _judge(fleet: Fleet, tally: Tally, who: str, kind: DeltaKind, iid: str, reason: str) -> None:
-    now = time.monotonic()
-    if kind is DeltaKind.ADDED:
-        ended = fleet.ended.get(iid)
-        # a correct registry may still list a dead instance until its TTL ran out
-        dead_long = ended is not None and now > ended + 3.0 + 3.0
-        if dead_long or iid in tally.removed_seen[who]:
-            tally.phantom_adds.append(f"{who}: {iid}")
-    elif kind is DeltaKind.REMOVED:
-        tally.removed_seen[who].add(iid)
-        if iid in fleet.heartbeating:
-            (tally.false_expiries if reason == "expired" else tally.missing_live).append(
-                f"{who}: {iid} ({reason})"
-            )
 
 
 async def test_soak(busreg_settings: Settings, tmp_path: Path) -> None:
@@ -171,8 +135,10 @@ async def _run(
                     ready[service].set()  # declared: it gets every delta from now on
                     async for message in messages:
                         d = message.delta
-                        tally.revisions.add((service, d.epoch, d.revision))
-                        _judge(
+                        tally.record(
+                            service, d.epoch, d.revision, f"{d.kind}:{d.instance.model_dump_json()}"
+                        )
+                        judge(
                             fleet,
                             tally,
                             f"group {service}",
@@ -184,7 +150,7 @@ async def _run(
 
             async def follow_view(service: str) -> None:
                 async for change in views[service].changes():
-                    _judge(
+                    judge(
                         fleet,
                         tally,
                         f"view {service}",
@@ -315,6 +281,7 @@ async def _run(
         assert tally.phantom_adds == []
         assert tally.missing_live == []
         assert gaps == 0, sorted(epochs.items())
+        assert tally.conflicts == []
     finally:
         for proc in workers.values():
             stop_process(proc, signal.SIGTERM)

@@ -12,7 +12,7 @@
 --   op D = deregister         op N = no state change (tick; payload: dead letter or "")
 --
 -- Keys under the prefix:
---   state      hash  fence, epoch, offset, last_ts, clock, counters
+--   state      hash  fence, epoch, offset, last_ts, clock, counters, replid
 --   s:<svc>    hash  instance id -> version .. stored JSON: the 36-byte version of the
 --                    newest applied event, then the canonical instance JSON without service
 --                    and instance_id (codec.encode_stored; full() puts them back for
@@ -48,7 +48,7 @@ local FIRST = 7  -- events start after this many ARGV slots
 
 local st = p .. 'state'
 local cur = redis.call('HMGET', st, 'fence', 'epoch', 'offset', 'last_ts', 'clock', 'grace_until',
-  'rebuild')
+  'rebuild', 'replid')
 if cur[1] ~= token then
   return redis.error_reply('FENCED token ' .. token .. ' is not current')
 end
@@ -105,6 +105,39 @@ local function remove(service, iid, field, ver, reason, prev)
   forget(field, ver)
   if prev then
     announce(service, 'removed', full(service, iid, string.sub(prev, VW + 1)), reason)
+  end
+end
+
+-- every live instance, once, as "added" in the (new) epoch: subscribers converge on it
+local function announce_all()
+  local live = redis.call('ZRANGE', dls, 0, -1)
+  table.sort(live)
+  for _, field in ipairs(live) do
+    local cut = string.find(field, SEP, 1, true)
+    local service, iid = string.sub(field, 1, cut - 1), string.sub(field, cut + 1)
+    local entry = redis.call('HGET', p .. 's:' .. service, iid)
+    if entry then announce(service, 'added', full(service, iid, string.sub(entry, VW + 1)), nil) end
+  end
+end
+
+-- A failover promotes a replica, and replication is asynchronous: writes this partition
+-- had acknowledged may be gone, so revisions it published could be issued again with
+-- other content. The state remembers the primary that last wrote it (its master_replid,
+-- new at every promotion). Written on another one, the partition moves to a new epoch
+-- whose revisions start again at 1 with the state as it is now, announced as after a
+-- rebuild: groups get the state the new epoch starts from, and views, seeing the epoch
+-- change, re-read their snapshot. A user without +info gets no replid (pcall): the check
+-- is skipped, and the worker warns at start.
+local info = redis.pcall('INFO', 'replication')
+local replid = type(info) == 'string' and string.match(info, 'master_replid:(%w+)') or nil
+if replid and cur[8] ~= replid then
+  redis.call('HSET', st, 'replid', replid)
+  if cur[8] then
+    epoch = 'r' .. string.sub(replid, 1, 11)
+    redis.call('HSET', st, 'epoch', epoch)
+    redis.call('DEL', revs)
+    redis.call('HINCRBY', st, 'failovers', 1)
+    announce_all()  -- (quiet while a rebuild replays: its own end announces)
   end
 end
 
@@ -209,14 +242,7 @@ if rebuild and offset >= rebuild then
   -- caught up: announce the state the replay arrived at, once
   rebuild = false
   redis.call('HDEL', st, 'rebuild')
-  local live = redis.call('ZRANGE', dls, 0, -1)
-  table.sort(live)
-  for _, field in ipairs(live) do
-    local cut = string.find(field, SEP, 1, true)
-    local service, iid = string.sub(field, 1, cut - 1), string.sub(field, cut + 1)
-    local entry = redis.call('HGET', p .. 's:' .. service, iid)
-    if entry then announce(service, 'added', full(service, iid, string.sub(entry, VW + 1)), nil) end
-  end
+  announce_all()
 end
 if applied > 0 then redis.call('HINCRBY', st, 'applied', applied) end
 if stale > 0 then redis.call('HINCRBY', st, 'stale', stale) end
