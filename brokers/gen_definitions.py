@@ -68,7 +68,7 @@ def build(namespace: str, partitions: int, busreg_password: str) -> dict[str, An
     # Imported here so that --help works even when busreg is half-written.
     from busreg import constants as c
     from busreg.settings import Settings
-    from busreg.transport.topology import service_user_permissions
+    from busreg.transport.topology import ingest_stream_arguments, service_user_permissions
 
     # Build from defaults only: BUSREG_* variables of the calling shell must not leak in.
     for key in [k for k in os.environ if k.upper().startswith("BUSREG_")]:
@@ -106,11 +106,7 @@ def build(namespace: str, partitions: int, busreg_password: str) -> dict[str, An
                 "vhost": VHOST,
                 "durable": True,
                 "auto_delete": False,
-                "arguments": {
-                    "x-queue-type": "stream",
-                    "x-max-length-bytes": settings.stream_max_bytes,
-                    "x-stream-max-segment-size-bytes": settings.stream_segment_bytes,
-                },
+                "arguments": ingest_stream_arguments(settings),
             }
         )
         bindings.append(

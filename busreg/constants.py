@@ -167,3 +167,8 @@ WORKER_BROKER_TIMEOUT = 5.0
 #: one of them is briefly away (a restart, a failover, a flaky path) comes up once it is
 #: back instead of exiting; past this it is an outage or a wrong URL, and it says so.
 WORKER_START_TIMEOUT = 30.0
+#: Pause between AMQP reconnection attempts (aio-pika's default is 5 s). Watchers miss
+#: deltas while disconnected and re-read their snapshot after; registrants and workers
+#: need their AMQP path back within a TTL, and with several nodes the next attempt goes
+#: to another node, so there is no reason to wait long.
+AMQP_RECONNECT_INTERVAL = 1.0

@@ -24,6 +24,14 @@ __all__ = ["AuthSettings", "ClientSettings", "Settings", "StreamEndpoint", "Work
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,47}$"
 
 
+def _urls(value: str) -> list[str]:
+    """The URLs of a comma-separated list (one URL is a list of one)."""
+    urls = [u.strip() for u in value.split(",") if u.strip()]
+    if not urls:
+        raise ValueError("give at least one URL")
+    return urls
+
+
 def _split(url: str) -> SplitResult:
     parts = urlsplit(url)
     try:
@@ -186,9 +194,19 @@ class Settings(BaseSettings):
         env_prefix="BUSREG_", env_nested_delimiter="__", extra="ignore"
     )
 
+    #: One URL, or several separated by commas (the nodes of a cluster): connections go
+    #: to the first that answers and fail over to the next on loss.
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
-    #: Stream protocol URL; by default the AMQP URL's host, user and vhost on port 5552.
+    #: Stream protocol URL(s), comma-separated like amqp_url; by default each AMQP URL's
+    #: host, user and vhost on port 5552.
     stream_url: str | None = None
+    #: The stream listeners are behind a load balancer: rstream then connects through it
+    #: and checks it reached the node it wanted (the stream leader or a replica).
+    stream_load_balancer: bool = False
+    #: Replicas of each ingest stream when the topology is created (None: one per AMQP URL
+    #: given, at most 3). More than one also spreads the stream leaders over the nodes
+    #: (``x-queue-leader-locator: balanced``). Streams that exist keep theirs.
+    stream_replicas: int | None = Field(None, ge=1, le=9)
     redis_url: str = "redis://127.0.0.1:6379/0"
     namespace: str = Field("busreg", pattern=_NAME_PATTERN)
     partitions: int = Field(8, ge=1, le=256)
@@ -203,9 +221,13 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _check_amqp(cls, value: str) -> str:
-        parts = _split(value)
-        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-            raise ValueError("must look like amqp://user:password@host:5672/vhost")
+        for url in _urls(value):
+            parts = _split(url)
+            if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+                raise ValueError(
+                    "must look like amqp://user:password@host:5672/vhost "
+                    "(several: comma-separated)"
+                )
         return value
 
     @field_validator("stream_url")
@@ -213,9 +235,13 @@ class Settings(BaseSettings):
     def _check_stream(cls, value: str | None) -> str | None:
         if value is None:
             return value
-        parts = _split(value)
-        if parts.scheme not in ("rabbitmq-stream", "rabbitmq-stream+tls") or not parts.hostname:
-            raise ValueError("must look like rabbitmq-stream://user:password@host:5552/vhost")
+        for url in _urls(value):
+            parts = _split(url)
+            if parts.scheme not in ("rabbitmq-stream", "rabbitmq-stream+tls") or not parts.hostname:
+                raise ValueError(
+                    "must look like rabbitmq-stream://user:password@host:5552/vhost "
+                    "(several: comma-separated)"
+                )
         return value
 
     @field_validator("redis_url")
@@ -261,6 +287,10 @@ class Settings(BaseSettings):
         }
         if self.stream_url:
             env["BUSREG_STREAM_URL"] = self.stream_url
+        if self.stream_load_balancer:
+            env["BUSREG_STREAM_LOAD_BALANCER"] = "true"
+        if self.stream_replicas is not None:
+            env["BUSREG_STREAM_REPLICAS"] = str(self.stream_replicas)
         for group, model in (("WORKER", self.worker), ("CLIENT", self.client)):
             for name, value in model:
                 if value is None:
@@ -274,25 +304,43 @@ class Settings(BaseSettings):
         """The Sentinels and master name if ``redis_url`` names Sentinels, else None."""
         return SentinelTarget.parse(self.redis_url) if "+sentinel://" in self.redis_url else None
 
-    def stream_endpoint(self) -> StreamEndpoint:
-        """The stream listener: ``stream_url`` if set, else derived from ``amqp_url``."""
+    def amqp_urls(self) -> list[str]:
+        """The AMQP URLs, in the order connections try them."""
+        return _urls(self.amqp_url)
+
+    def stream_replica_count(self) -> int:
+        """``stream_replicas``, or one per AMQP URL (at most 3)."""
+        return self.stream_replicas or min(3, len(self.amqp_urls()))
+
+    def stream_endpoints(self) -> list[StreamEndpoint]:
+        """The stream listeners: ``stream_url``'s if set, else each AMQP URL's host (user,
+        vhost) on port 5552 (5551 with amqps)."""
         if self.stream_url is not None:
-            parts = urlsplit(self.stream_url)
-            tls = parts.scheme.endswith("+tls")
-            port = parts.port or (5551 if tls else 5552)
-        else:
-            parts = urlsplit(self.amqp_url)
-            tls = parts.scheme == "amqps"
-            port = 5551 if tls else 5552
-        vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
-        return StreamEndpoint(
-            host=parts.hostname or "127.0.0.1",
-            port=port,
-            username=unquote(parts.username or "guest"),
-            password=unquote(parts.password or "guest"),
-            vhost=vhost,
-            ssl_context=ssl.create_default_context() if tls else None,
-        )
+            return [_stream_endpoint(u, stream=True) for u in _urls(self.stream_url)]
+        return [_stream_endpoint(u, stream=False) for u in self.amqp_urls()]
+
+    def stream_endpoint(self) -> StreamEndpoint:
+        """The first stream listener (see stream_endpoints)."""
+        return self.stream_endpoints()[0]
+
+
+def _stream_endpoint(url: str, *, stream: bool) -> StreamEndpoint:
+    parts = urlsplit(url)
+    if stream:
+        tls = parts.scheme.endswith("+tls")
+        port = parts.port or (5551 if tls else 5552)
+    else:
+        tls = parts.scheme == "amqps"
+        port = 5551 if tls else 5552
+    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    return StreamEndpoint(
+        host=parts.hostname or "127.0.0.1",
+        port=port,
+        username=unquote(parts.username or "guest"),
+        password=unquote(parts.password or "guest"),
+        vhost=vhost,
+        ssl_context=ssl.create_default_context() if tls else None,
+    )
 
 
 def load_settings(**overrides: object) -> Settings:

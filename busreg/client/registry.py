@@ -91,6 +91,8 @@ class Registry:
                 self._channel = await self._amqp.channel()
             self._rpc = RpcClient(self._channel, self.settings.namespace)
             await self._rpc.start()
+            rpc = self._rpc
+            self._amqp.reconnect_callbacks.add(lambda *_: rpc.reconnected())
             self._stack.push_async_callback(self._shutdown)
         except BaseException:
             self._state = "closed"

@@ -14,7 +14,12 @@ from typing import Any
 
 import aio_pika
 import orjson
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+)
 
 from busreg import constants as c
 from busreg.backoff import Backoff, retrying
@@ -46,11 +51,30 @@ class RpcClient:
         self._namespace = namespace
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._queue: AbstractQueue | None = None
+        self._stale = False
 
     async def start(self) -> None:
+        await self._declare()
+
+    async def _declare(self) -> None:
         with translate("rpc reply queue"):
-            self._queue = await self._channel.declare_queue("", exclusive=True, auto_delete=True)
-            await self._queue.consume(self._on_reply, no_ack=True)
+            queue: AbstractQueue
+            if isinstance(self._channel, AbstractRobustChannel):
+                # not restored by aio-pika under its old name after a reconnect: on a
+                # cluster whose node died with it the broker refuses that (RESOURCE_LOCKED),
+                # which fails the whole connection's recovery; a new one is declared instead
+                queue = await self._channel.declare_queue(
+                    "", exclusive=True, auto_delete=True, robust=False
+                )
+            else:
+                queue = await self._channel.declare_queue("", exclusive=True, auto_delete=True)
+            await queue.consume(self._on_reply, no_ack=True)
+        self._queue = queue
+        self._stale = False
+
+    def reconnected(self) -> None:
+        """The connection was re-made: the reply queue went with the old one."""
+        self._stale = True
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         future = self._pending.get(message.correlation_id or "")
@@ -74,12 +98,15 @@ class RpcClient:
         body = request.model_dump_json().encode()
         deadline = loop.time() + timeout
         cids: list[str] = []
-        queue = self._queue
 
         async def attempt() -> dict[str, Any]:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise TimeoutError
+            if self._stale:
+                await self._declare()
+            queue = self._queue
+            assert queue is not None
             future = futures[-1]
             cid = uuid.uuid4().hex
             cids.append(cid)

@@ -22,11 +22,13 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from pydantic import ValidationError
@@ -115,6 +117,8 @@ class ServiceView:
         self._closed = False
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
+        #: set by a reconnect: the next resync binds a new queue first (see _bind)
+        self._rebind = False
         self.resyncs = 0
         self._failures = RetryLog(log, f"watch {service}")
         self.deltas_applied = 0
@@ -178,6 +182,7 @@ class ServiceView:
             self._offer(RESYNC)
 
     def _on_reconnect(self, *_: object) -> None:
+        self._rebind = True  # the queue went with the old connection (see _bind)
         self.request_resync()
 
     def _offer(self, item: Delta | _Resync) -> None:
@@ -219,12 +224,22 @@ class ServiceView:
             if self._channel is None or self._channel.is_closed:
                 self._channel = await self._connection.channel()
             exchange = await declare_service_exchange(self._channel, self._namespace, self.service)
-            self._queue = await self._channel.declare_queue(
-                "",
-                exclusive=True,
-                auto_delete=True,
-                arguments={"x-max-length": self._queue_max, "x-overflow": "drop-head"},
-            )
+            # robust=False: aio-pika would declare this exclusive queue again under its old
+            # name after a reconnect, and on a cluster whose node died with it the broker
+            # refuses that (RESOURCE_LOCKED: the dead connection still holds it), which
+            # fails the whole connection's recovery; the view binds a new queue instead
+            arguments: dict[str, Any] = {
+                "x-max-length": self._queue_max,
+                "x-overflow": "drop-head",
+            }
+            if isinstance(self._channel, AbstractRobustChannel):
+                self._queue = await self._channel.declare_queue(
+                    "", exclusive=True, auto_delete=True, arguments=arguments, robust=False
+                )
+            else:
+                self._queue = await self._channel.declare_queue(
+                    "", exclusive=True, auto_delete=True, arguments=arguments
+                )
             await self._queue.bind(exchange, routing_key="#")
             self._consumer_tag = await self._queue.consume(self._on_delta, no_ack=True)
 
@@ -274,6 +289,9 @@ class ServiceView:
     async def _handle(self, delta: Delta | _Resync) -> None:
         if isinstance(delta, _Resync):
             self._overflow_pending = False  # later overflows need a later snapshot
+            if self._rebind and not await self._safe(self._bind_again):
+                self._retry_resync_later()
+                return
             if not await self._safe(self.resync):
                 self._retry_resync_later()
             return
@@ -296,6 +314,14 @@ class ServiceView:
             outcome, change = self.state.apply(delta)
             if outcome is Outcome.APPLIED and change is not None:
                 await self._emit([change])
+
+    async def _bind_again(self) -> None:
+        """A new queue on the current connection (after a reconnect), before the resync."""
+        if self._channel is not None and not self._channel.is_closed:
+            await close_quietly(self._channel.close, "watch channel")
+        self._channel = None
+        await self._bind()
+        self._rebind = False
 
     async def _periodic_check(self) -> None:
         # our queue may have been deleted (operator, broker restart without recovery): a
@@ -334,7 +360,7 @@ class ServiceView:
     def _retry_resync_later(self) -> None:
         # the broker or the workers are not back yet: try again shortly, off the loop
         delay = RESYNC_BACKOFF.delay(self._failures.failures - 1)
-        asyncio.get_running_loop().call_later(delay, self._on_reconnect)
+        asyncio.get_running_loop().call_later(delay, self.request_resync)
 
     async def _emit(self, changes: list[Change]) -> None:
         for queue in self._listeners:

@@ -12,7 +12,7 @@ become valid)::
     from busreg import Delta, Settings
     from busreg.integrations.faststream import group_subscriber
 
-    broker = RabbitBroker(settings.amqp_url)
+    broker = RabbitBroker(settings.amqp_urls()[0])
 
     @group_subscriber(broker, settings, "inventory", "audit")
     async def on_change(delta: Delta) -> None:

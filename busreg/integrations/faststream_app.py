@@ -6,7 +6,7 @@
     from busreg.integrations.faststream_app import register_app
 
     settings = Settings()
-    broker = RabbitBroker(settings.amqp_url)
+    broker = RabbitBroker(settings.amqp_urls()[0])
     app = FastStream(broker)
     instance = register_app(app, settings, "inventory", address="10.0.0.7:8080", zone="eu-1a")
 

@@ -220,7 +220,7 @@ async def run_demo(settings: Settings, *, duration: float = 30.0, out: TextIO | 
 
 
 def _where(settings: Settings) -> str:
-    amqp = settings.amqp_url.rsplit("@", 1)[-1].rstrip("/")
+    amqp = settings.amqp_urls()[0].rsplit("@", 1)[-1].rstrip("/")
     redis = settings.redis_url.rsplit("@", 1)[-1].split("://")[-1]
     return f"RabbitMQ {amqp}, Redis {redis}"
 

@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, TypeVar
 
-import aio_pika
 import aiormq
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection
@@ -32,7 +31,7 @@ from busreg.server.stats import PartitionStats
 from busreg.server.store import ApplyResult, Lease, PartitionStore
 from busreg.settings import Settings
 from busreg.tasks import close_quietly
-from busreg.transport.connections import translate, translate_stream
+from busreg.transport.connections import connect_amqp_once, translate, translate_stream
 from busreg.transport.streams import StreamWriter, peek_heads
 from busreg.transport.topology import declare_service_exchange
 from busreg.wire.models import Tick
@@ -298,9 +297,7 @@ class PartitionRunner:
                 if self._amqp is None or self._amqp.is_closed:
                     await self._drop_connection()
                     name = f"busreg-worker {self._worker_id} p{self.partition} publish"
-                    self._amqp = await aio_pika.connect(
-                        self.settings.amqp_url, client_properties={"connection_name": name}
-                    )
+                    self._amqp = await connect_amqp_once(self.settings, name)
                 try:
                     channel = await self._amqp.channel(publisher_confirms=True)
                 except RuntimeError as exc:

@@ -7,6 +7,7 @@ Everything that talks to aio-pika, rstream or redis goes through ``translate`` (
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ import aiormq
 import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions as redis_exc
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractConnection, AbstractRobustConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -124,13 +125,53 @@ def translate_stream(what: str) -> Iterator[None]:
 
 
 async def connect_amqp(settings: Settings, name: str) -> AbstractRobustConnection:
-    """A robust (self-reconnecting) AMQP connection."""
-    with translate(f"AMQP connect to {_redact(settings.amqp_url)}"):
-        async with asyncio.timeout(10):
-            conn = await aio_pika.connect_robust(
-                settings.amqp_url, client_properties={"connection_name": name}
-            )
-    return conn
+    """A robust (self-reconnecting) AMQP connection to the first node of ``amqp_url`` that
+    answers; when it is lost, reconnection goes round the nodes (see FailoverConnection)."""
+    from busreg.transport.failover import FailoverConnection
+
+    urls = settings.amqp_urls()
+    last: BaseException | None = None
+    for i in range(len(urls)):
+        order = urls[i:] + urls[:i]
+        try:
+            with translate(f"AMQP connect to {_redact(order[0])}"):
+                async with asyncio.timeout(10):
+                    conn = FailoverConnection(order, client_properties={"connection_name": name})
+                    await conn.connect()
+            return conn
+        except ConnectionFailed as exc:
+            if isinstance(exc, AuthenticationFailed):
+                raise  # the same users on every node: trying the next changes nothing
+            last = exc
+            log.info("AMQP node %s unreachable (%s); trying the next", _redact(order[0]), exc)
+    assert last is not None
+    raise last
+
+
+async def connect_amqp_once(settings: Settings, name: str) -> AbstractConnection:
+    """A plain (not self-reconnecting) AMQP connection to the first node that answers; its
+    owner opens a new one after a failure (a partition's delta publishing)."""
+    urls = settings.amqp_urls()
+    start = next(_round_robin) % len(urls)
+    last: BaseException | None = None
+    for url in urls[start:] + urls[:start]:
+        try:
+            with translate(f"AMQP connect to {_redact(url)}"):
+                async with asyncio.timeout(10):
+                    return await aio_pika.connect(
+                        url, client_properties={"connection_name": name}
+                    )
+        except AuthenticationFailed:
+            raise
+        except ConnectionFailed as exc:
+            last = exc
+    assert last is not None
+    raise last
+
+
+#: Where the next connection starts in a list of nodes: spreads a process's connections
+#: (a worker's partitions) over the nodes instead of piling them on the first.
+_round_robin = itertools.count()
 
 
 class _HiredisPacking:
@@ -235,24 +276,69 @@ def _stream_kwargs(endpoint: StreamEndpoint) -> dict[str, Any]:
     }
 
 
-async def stream_producer(settings: Settings, name: str, timeout: float = 10.0) -> Any:
+async def _first_started(
+    settings: Settings, make: Callable[[StreamEndpoint], Any], timeout: float
+) -> Any:
+    """Start a client made by ``make(endpoint)`` on the first stream listener that answers,
+    beginning at the next one in turn (so a dead node is left for the others, and one
+    process's connections spread over the nodes), all within ``timeout``. A try gets its
+    share of it: rstream's start does not fail on a connection that a dead node's host
+    resets, it waits (measured: the whole timeout), so one try may not take it all."""
+    endpoints = settings.stream_endpoints()
+    start = next(_round_robin) % len(endpoints)
+    timeout = max(0.5, timeout / len(endpoints))
+    last: BaseException | None = None
+    for endpoint in endpoints[start:] + endpoints[:start]:
+        client = make(endpoint)
+        try:
+            with translate_stream(f"stream connect to {endpoint.host}:{endpoint.port}"):
+                async with asyncio.timeout(timeout):
+                    await client.start()
+            return client
+        except AuthenticationFailed:
+            await close_stream_client(client)
+            raise
+        except ConnectionFailed as exc:
+            await close_stream_client(client)
+            last = exc
+    assert last is not None
+    raise last
+
+
+async def close_stream_client(client: Any) -> None:
+    try:
+        async with asyncio.timeout(2):
+            await client.close()
+    except Exception as exc:  # never started, or the peer is gone: nothing to keep
+        log.debug("stream client close: %r", exc)
+
+
+async def stream_producer(
+    settings: Settings,
+    name: str,
+    timeout: float = 10.0,
+    on_close: Callable[[Any], Awaitable[None]] | None = None,
+) -> Any:
     """A started rstream Producer (stream protocol, port 5552 by default).
 
     rstream's own reconnection is off: busreg.transport.streams.StreamWriter replaces a failed
-    producer itself, promptly (see there)."""
+    producer itself, promptly, on the next node in turn (see there): rstream reconnects
+    only to the node it was created with, and a Producer made with a dead node's address
+    never resumes (measured in ../shared/platform-notes.md §1)."""
     from rstream import Producer
     from rstream.recovery import BackOffRecoveryStrategy
 
-    endpoint = settings.stream_endpoint()
-    producer = Producer(
-        connection_name=name,
-        recovery_strategy=BackOffRecoveryStrategy(False),
-        **_stream_kwargs(endpoint),
+    return await _first_started(
+        settings,
+        lambda endpoint: Producer(
+            connection_name=name,
+            recovery_strategy=BackOffRecoveryStrategy(False),
+            on_close_handler=on_close,
+            load_balancer_mode=settings.stream_load_balancer,
+            **_stream_kwargs(endpoint),
+        ),
+        timeout,
     )
-    with translate_stream(f"stream connect to {endpoint.host}:{endpoint.port}"):
-        async with asyncio.timeout(timeout):
-            await producer.start()
-    return producer
 
 
 async def stream_consumer(
@@ -261,9 +347,13 @@ async def stream_consumer(
     """A started rstream Consumer; ``on_close`` hears of every lost connection."""
     from rstream import Consumer
 
-    endpoint = settings.stream_endpoint()
-    consumer = Consumer(connection_name=name, on_close_handler=on_close, **_stream_kwargs(endpoint))
-    with translate_stream(f"stream connect to {endpoint.host}:{endpoint.port}"):
-        async with asyncio.timeout(10):
-            await consumer.start()
-    return consumer
+    return await _first_started(
+        settings,
+        lambda endpoint: Consumer(
+            connection_name=name,
+            on_close_handler=on_close,
+            load_balancer_mode=settings.stream_load_balancer,
+            **_stream_kwargs(endpoint),
+        ),
+        10.0,
+    )

@@ -28,7 +28,7 @@ log = logging.getLogger("busreg.streams")
 #: next send start a fresh one instead of everyone waiting on a stuck socket.
 WARM_UP_TIMEOUT = 2.0
 
-#: Consecutive unconfirmed sends after which a stream connection is replaced.
+#: Consecutive unconfirmed sends to one stream after which the connection is replaced.
 SILENT_LIMIT = 2
 
 #: How long a head peek waits for the last chunk of a partition stream. An empty stream
@@ -57,16 +57,32 @@ class StreamWriter:
         # rstream creates publishers under its own lock inside a send; declared ahead of
         # time they need ours (concurrent declarations, even for different streams, race)
         self._declare_lock = asyncio.Lock()
-        self._silent = 0  # consecutive sends without a confirm
+        # consecutive sends without a confirm, per stream: sends to other streams succeeding
+        # say nothing about this one's publisher (after a leader moved, one stream's
+        # publisher can stay silent for ever while the rest confirm)
+        self._silent: dict[str, int] = {}
+        #: the producer whose connection rstream reported closed (replaced on next use)
+        self._broken: Any = None
 
     async def _get(self) -> Any:
         async with self._lock:
             if self._closed:
                 raise ClosedError("stream writer is closed")
             if self._producer is None:
+                made: list[Any] = []
+
+                async def on_close(info: Any) -> None:
+                    # rstream says a connection of this producer closed (node gone, or
+                    # "Metadata Update": a stream's leader moved): its publishers are
+                    # dead, so the next send builds anew instead of timing out twice
+                    if made:
+                        self._broken = made[0]
+                        log.debug("stream writer %s: connection closed (%s)", self._name, info)
+
                 self._producer = await stream_producer(
-                    self._settings, self._name, timeout=WARM_UP_TIMEOUT
+                    self._settings, self._name, timeout=WARM_UP_TIMEOUT, on_close=on_close
                 )
+                made.append(self._producer)
                 self._ready = set()
             return self._producer
 
@@ -97,6 +113,8 @@ class StreamWriter:
         return producer
 
     async def _ready_producer(self, stream: str) -> Any:
+        if self._producer is not None and self._producer is self._broken:
+            await self._discard(self._producer)
         producer = self._producer
         if producer is not None and stream in self._ready:
             return producer
@@ -124,13 +142,15 @@ class StreamWriter:
                         await producer.send_wait(
                             stream, RawMessage(body), timeout=max(1, math.ceil(timeout))
                         )
-                self._silent = 0
+                self._silent.pop(stream, None)
             except TimeoutError:
                 # a publisher that accepts sends but never confirms (seen after a broker
-                # restart, while its stream recovers) must be replaced, not waited on
-                self._silent += 1
-                if self._silent >= SILENT_LIMIT:
-                    self._silent = 0
+                # restart while its stream recovers, and on a cluster after the stream's
+                # leader moved) must be replaced, not waited on
+                silent = self._silent.get(stream, 0) + 1
+                self._silent[stream] = silent
+                if silent >= SILENT_LIMIT:
+                    self._silent.clear()
                     await self._discard(producer)
                 raise
             except BusregError:

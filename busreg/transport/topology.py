@@ -30,6 +30,7 @@ __all__ = [
     "declare_service_exchange",
     "delete_topology",
     "group_queue_arguments",
+    "ingest_stream_arguments",
     "service_user_permissions",
     "verify_partitions",
 ]
@@ -48,8 +49,29 @@ def group_queue_arguments(namespace: str) -> dict[str, Any]:
     }
 
 
-async def declare_ingest(channel: AbstractChannel, settings: Settings) -> None:
-    """The ingest super stream: exchange, P partition streams, and their bindings."""
+def ingest_stream_arguments(settings: Settings) -> dict[str, Any]:
+    """Arguments of a new ingest partition stream. On a cluster (more than one replica) the
+    stream is replicated and its leader placed on the least loaded node."""
+    args: dict[str, Any] = {
+        "x-queue-type": "stream",
+        "x-max-length-bytes": settings.stream_max_bytes,
+        "x-stream-max-segment-size-bytes": settings.stream_segment_bytes,
+    }
+    replicas = settings.stream_replica_count()
+    if replicas > 1:
+        args["x-initial-cluster-size"] = replicas
+        args["x-queue-leader-locator"] = "balanced"
+    return args
+
+
+async def declare_ingest(
+    conn: AbstractConnection, channel: AbstractChannel, settings: Settings
+) -> None:
+    """The ingest super stream: exchange, P partition streams, and their bindings.
+
+    A stream that exists is left as it is (RabbitMQ refuses a declare whose replica count
+    or leader locator differ, so a namespace made on one node keeps working when its
+    settings name a cluster; add replicas with ``rabbitmq-streams add_replica``)."""
     ns = settings.namespace
     exchange = await channel.declare_exchange(
         c.ingest_super_stream(ns),
@@ -58,15 +80,13 @@ async def declare_ingest(channel: AbstractChannel, settings: Settings) -> None:
         arguments={"x-super-stream": True},
     )
     for k in range(settings.partitions):
-        queue = await channel.declare_queue(
-            c.ingest_partition(ns, k),
-            durable=True,
-            arguments={
-                "x-queue-type": "stream",
-                "x-max-length-bytes": settings.stream_max_bytes,
-                "x-stream-max-segment-size-bytes": settings.stream_segment_bytes,
-            },
-        )
+        name = c.ingest_partition(ns, k)
+        if await queue_exists(conn, name):
+            queue = await channel.declare_queue(name, passive=True)
+        else:
+            queue = await channel.declare_queue(
+                name, durable=True, arguments=ingest_stream_arguments(settings)
+            )
         await queue.bind(exchange, routing_key=str(k), arguments={"x-stream-partition-order": k})
 
 
@@ -77,7 +97,7 @@ async def apply_topology(conn: AbstractConnection, settings: Settings) -> None:
     with translate("topology apply"):
         channel = await conn.channel()
         try:
-            await declare_ingest(channel, settings)
+            await declare_ingest(conn, channel, settings)
             dlx = await channel.declare_exchange(
                 c.dead_letter_exchange(ns), aio_pika.ExchangeType.FANOUT, durable=True
             )

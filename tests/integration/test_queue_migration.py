@@ -46,7 +46,7 @@ async def apply_topology_without_queues(
     """Streams and exchanges as apply_topology declares them, the queues left classic."""
     channel = await conn.channel()
     ns = settings.namespace
-    await declare_ingest(channel, settings)
+    await declare_ingest(conn, channel, settings)
     dlx = await channel.declare_exchange(
         c.dead_letter_exchange(ns), aio_pika.ExchangeType.FANOUT, durable=True
     )

@@ -128,7 +128,7 @@ async def test_sentinel_master_loss_under_load(
                     before = {s: views[s].epoch for s in SERVICES}
                     resyncs = {s: views[s].resyncs for s in SERVICES}
 
-                    killed_port = _sh(sentinel, "kill-master")
+                    killed_port = await asyncio.to_thread(_sh, sentinel, "kill-master")
                     killed = time.monotonic()
                     # registrations go to the broker, not Redis: they are confirmed at once,
                     # and visible once the workers write to the promoted replica
@@ -136,7 +136,7 @@ async def test_sentinel_master_loss_under_load(
                     await views[SERVICES[0]].wait_for(lambda i: "after-kill" in i, timeout=60)
                     healed = time.monotonic() - killed
                     # the old master comes back (empty) and rejoins as a replica
-                    _sh(sentinel, "restart", killed_port)
+                    await asyncio.to_thread(_sh, sentinel, "restart", killed_port)
 
                     # every partition moved to a new epoch, and every view followed it
                     for service in SERVICES:

@@ -46,10 +46,10 @@ def judge(fleet: Fleet, tally: Tally, who: str, kind: DeltaKind, iid: str, reaso
         # a correct registry may still list a dead instance until its TTL ran out
         dead_long = ended is not None and now > ended + 3.0 + 3.0
         if dead_long or iid in tally.removed_seen[who]:
-            tally.phantom_adds.append(f"{who}: {iid}")
+            tally.phantom_adds.append(f"{who}: {iid} @{now:.2f}")
     elif kind is DeltaKind.REMOVED:
         tally.removed_seen[who].add(iid)
         if iid in fleet.heartbeating:
             (tally.false_expiries if reason == "expired" else tally.missing_live).append(
-                f"{who}: {iid} ({reason})"
+                f"{who}: {iid} ({reason}) @{now:.2f}"
             )

@@ -1,0 +1,60 @@
+"""``StreamWriter`` replaces a connection whose publisher for one stream stopped confirming,
+even while sends to other streams are confirmed (found on the 3-node cluster: after a
+stream leader moved, one stream's heartbeats timed out for good while the others went
+through, and every instance of that partition expired)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from busreg import Settings
+from busreg.errors import PublishFailed
+from busreg.transport import streams
+from busreg.transport.streams import SILENT_LIMIT, StreamWriter
+
+
+class FakeProducer:
+    """Confirms every send, except to the streams in ``silent`` (never confirmed)."""
+
+    made = 0
+
+    def __init__(self, silent: set[str]) -> None:
+        FakeProducer.made += 1
+        self.silent = silent
+        self.closed = False
+
+    async def _get_or_create_publisher(self, stream: str) -> None:
+        return None
+
+    async def send_wait(self, stream: str, message: Any, timeout: float) -> None:
+        if stream in self.silent:
+            await asyncio.Event().wait()  # never confirmed
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_silent_stream_replaces_the_connection_despite_other_streams(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    FakeProducer.made = 0
+
+    async def fake_producer(
+        settings: Settings, name: str, timeout: float = 10.0, on_close: Any = None
+    ) -> Any:
+        return FakeProducer({"quiet"})
+
+    monkeypatch.setattr(streams, "stream_producer", fake_producer)
+    writer = StreamWriter(Settings(), "test")
+    try:
+        for _ in range(SILENT_LIMIT):
+            with pytest.raises(PublishFailed):
+                await writer.send("quiet", b"x", timeout=0.05)
+            await writer.send("busy", b"x", timeout=0.05)  # confirmed in between
+        await writer.send("busy", b"x", timeout=0.05)
+        assert FakeProducer.made == 2, "the silent stream's connection was never replaced"
+    finally:
+        await writer.close()
