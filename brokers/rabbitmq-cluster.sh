@@ -7,6 +7,7 @@
 #   brokers/rabbitmq-cluster.sh stop           # idempotent; removes the directory
 #   brokers/rabbitmq-cluster.sh kill NODE      # SIGKILL node a, b or c
 #   brokers/rabbitmq-cluster.sh restart NODE   # start a stopped/killed node on its data (it rejoins)
+#   brokers/rabbitmq-cluster.sh bounce NODE    # graceful stop, then start again (rolling restart)
 #   brokers/rabbitmq-cluster.sh ctl NODE ARGS  # rabbitmqctl against NODE
 #   brokers/rabbitmq-cluster.sh leaders QUEUE-PREFIX  # "queue leader-node" lines
 #   brokers/rabbitmq-cluster.sh urls           # BUSREG_AMQP_URL and BUSREG_STREAM_URL values
@@ -129,6 +130,25 @@ kill)
     running "$n" && kill -KILL "$(cat "$BASE/$n/beam.pid")"
     say "killed rabbit-$n"
     ;;
+bounce)
+    # a graceful restart (rolling upgrades): stop the node, start it again on its data
+    n=${2:?bounce NODE}
+    if running "$n"; then
+        pid=$(cat "$BASE/$n/beam.pid")
+        timeout 60 env $(node_env "$n") "$BIN/rabbitmqctl" -n "rabbit-$n@localhost" stop >/dev/null 2>&1 || kill -TERM "$pid" 2>/dev/null || true
+        for ((k = 0; k < 300; k++)); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+    fi
+    boot "$n"
+    await_node "$n"
+    for ((k = 0; k < 300; k++)); do
+        clustered && break
+        sleep 0.1
+    done
+    say "rabbit-$n restarted"
+    ;;
 restart)
     n=${2:?restart NODE}
     boot "$n"
@@ -158,7 +178,7 @@ urls)
     echo "rabbitmq-stream://guest:guest@127.0.0.1:5561/,rabbitmq-stream://guest:guest@127.0.0.1:5562/,rabbitmq-stream://guest:guest@127.0.0.1:5563/"
     ;;
 *)
-    sed -n '2,19p' "$0" >&2
+    sed -n '2,20p' "$0" >&2
     exit 2
     ;;
 esac

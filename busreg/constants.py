@@ -172,3 +172,9 @@ WORKER_START_TIMEOUT = 30.0
 #: need their AMQP path back within a TTL, and with several nodes the next attempt goes
 #: to another node, so there is no reason to wait long.
 AMQP_RECONNECT_INTERVAL = 1.0
+#: A partition's subscription that delivers nothing for this long while its owner's own
+#: ticks are confirmed (so the stream grows) is taken for dead and made again. Ticks come
+#: every tick_interval (0.1 s) into a quiet partition: 3 s is 30 missed deliveries, and
+#: well inside a TTL, so a stuck subscription cannot hold expiry or registrations back
+#: for long.
+SUBSCRIPTION_SILENCE = 3.0

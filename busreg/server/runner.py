@@ -127,6 +127,7 @@ class PartitionRunner:
             self._rebuild_until = heads[self.partition]
             since = int((time.time() - self.settings.worker.replay_window) * 1000)
             spec = ConsumerOffsetSpecification(OffsetType.TIMESTAMP, since)
+        self._last_delivery = time.monotonic()  # the silence watchdog counts from here
         with translate_stream(f"subscribe {self._stream}"):
             async with asyncio.timeout(c.WORKER_BROKER_TIMEOUT):
                 self._subscriber_id = await self.consumer.subscribe(
@@ -439,3 +440,23 @@ class PartitionRunner:
                 await self._ticks.send(self._stream, self._tick, timeout=max(1.0, interval * 10))
             except BusregError as exc:
                 log.warning("partition=%d tick failed: %s", self.partition, exc)
+                continue
+            self._check_subscription()
+
+    def _check_subscription(self) -> None:
+        """Our own ticks are confirmed, so the stream grows; if none of it has reached us
+        for a while (and nothing is waiting to be applied), the subscription is dead.
+
+        Seen on a 3-node cluster during a graceful node restart: the subscription stayed
+        open and silent, no close event came, and the partition stood still for a minute
+        (nothing applied, nothing expired, new registrations invisible). Failing the runner
+        makes the worker take the partition again and subscribe anew."""
+        silent = time.monotonic() - self._last_delivery
+        if silent > c.SUBSCRIPTION_SILENCE and not self._buf and self._space.is_set():
+            log.warning(
+                "partition=%d: nothing delivered for %.1fs while ticks are confirmed; "
+                "subscribing again",
+                self.partition,
+                silent,
+            )
+            self.fail(ConnectionFailed(f"stream subscription to {self._stream} went silent"))

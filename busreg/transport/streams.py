@@ -29,7 +29,11 @@ log = logging.getLogger("busreg.streams")
 WARM_UP_TIMEOUT = 2.0
 
 #: Consecutive unconfirmed sends to one stream after which the connection is replaced.
-SILENT_LIMIT = 2
+#: One: on a cluster, a publisher left on a node that is stopping (or that lost the
+#: stream's leadership) accepts sends and never confirms them, and a heartbeat can only
+#: miss so many; replacing costs one reconnect (~20 ms), waiting a second timeout cost
+#: instances their TTL during a rolling restart.
+SILENT_LIMIT = 1
 
 #: How long a head peek waits for the last chunk of a partition stream. An empty stream
 #: sends nothing, so this is also how long an empty partition costs.
