@@ -71,6 +71,29 @@ boot() { # boot NODE: start its server (config written on first boot)
 
 await_node() { timeout 90 env $(node_env "$1") "$BIN/rabbitmqctl" -n "rabbit-$1@localhost" wait "$BASE/$1/beam.pid" >/dev/null; }
 
+stop_node() { # stop_node NODE: graceful stop; SIGKILL only if it has not ended 30 s later
+    local n=$1 pid k
+    running "$n" || return 0
+    pid=$(cat "$BASE/$n/beam.pid")
+    timeout 30 env $(node_env "$n") "$BIN/rabbitmqctl" -n "rabbit-$n@localhost" stop >/dev/null 2>&1 ||
+        kill -TERM "$pid" 2>/dev/null || true
+    for ((k = 0; k < 300; k++)); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+rejoin() { # rejoin NODE: start it on its data and wait until the cluster has it again
+    local k
+    boot "$1"
+    await_node "$1"
+    for ((k = 0; k < 300; k++)); do
+        clustered && return 0
+        sleep 0.1
+    done
+}
+
 clustered() { ctl a cluster_status --formatter json 2>/dev/null | python3 -c '
 import json, sys
 s = json.load(sys.stdin)
@@ -112,17 +135,7 @@ start)
     say "ready: rabbit-{a,b,c}@localhost, AMQP 5681-5683, stream 5561-5563"
     ;;
 stop)
-    for n in "${NODES[@]}"; do
-        if running "$n"; then
-            pid=$(cat "$BASE/$n/beam.pid")
-            timeout 20 env $(node_env "$n") "$BIN/rabbitmqctl" -n "rabbit-$n@localhost" stop >/dev/null 2>&1 || true
-            for ((k = 0; k < 50; k++)); do
-                kill -0 "$pid" 2>/dev/null || break
-                sleep 0.1
-            done
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    done
+    for n in "${NODES[@]}"; do stop_node "$n"; done
     rm -rf "$BASE"
     ;;
 kill)
@@ -133,30 +146,13 @@ kill)
 bounce)
     # a graceful restart (rolling upgrades): stop the node, start it again on its data
     n=${2:?bounce NODE}
-    if running "$n"; then
-        pid=$(cat "$BASE/$n/beam.pid")
-        timeout 60 env $(node_env "$n") "$BIN/rabbitmqctl" -n "rabbit-$n@localhost" stop >/dev/null 2>&1 || kill -TERM "$pid" 2>/dev/null || true
-        for ((k = 0; k < 300; k++)); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-    fi
-    boot "$n"
-    await_node "$n"
-    for ((k = 0; k < 300; k++)); do
-        clustered && break
-        sleep 0.1
-    done
+    stop_node "$n"
+    rejoin "$n"
     say "rabbit-$n restarted"
     ;;
 restart)
     n=${2:?restart NODE}
-    boot "$n"
-    await_node "$n"
-    for ((k = 0; k < 300; k++)); do
-        clustered && break
-        sleep 0.1
-    done
+    rejoin "$n"
     say "rabbit-$n is back"
     ;;
 ctl)

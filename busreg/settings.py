@@ -32,6 +32,14 @@ def _urls(value: str) -> list[str]:
     return urls
 
 
+def _check_urls(value: str, schemes: tuple[str, ...], example: str) -> None:
+    """Every URL of the comma-separated ``value`` has one of ``schemes`` and a host."""
+    for url in _urls(value):
+        parts = _split(url)
+        if parts.scheme not in schemes or not parts.hostname:
+            raise ValueError(f"must look like {example} (several: comma-separated)")
+
+
 def _split(url: str) -> SplitResult:
     parts = urlsplit(url)
     try:
@@ -221,27 +229,18 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _check_amqp(cls, value: str) -> str:
-        for url in _urls(value):
-            parts = _split(url)
-            if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-                raise ValueError(
-                    "must look like amqp://user:password@host:5672/vhost "
-                    "(several: comma-separated)"
-                )
+        _check_urls(value, ("amqp", "amqps"), "amqp://user:password@host:5672/vhost")
         return value
 
     @field_validator("stream_url")
     @classmethod
     def _check_stream(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        for url in _urls(value):
-            parts = _split(url)
-            if parts.scheme not in ("rabbitmq-stream", "rabbitmq-stream+tls") or not parts.hostname:
-                raise ValueError(
-                    "must look like rabbitmq-stream://user:password@host:5552/vhost "
-                    "(several: comma-separated)"
-                )
+        if value is not None:
+            _check_urls(
+                value,
+                ("rabbitmq-stream", "rabbitmq-stream+tls"),
+                "rabbitmq-stream://user:password@host:5552/vhost",
+            )
         return value
 
     @field_validator("redis_url")

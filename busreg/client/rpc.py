@@ -18,13 +18,13 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
     AbstractQueue,
-    AbstractRobustChannel,
 )
 
 from busreg import constants as c
 from busreg.backoff import Backoff, retrying
 from busreg.errors import BusregError, RequestTimeout
 from busreg.transport.connections import translate
+from busreg.transport.queues import declare_exclusive_queue
 from busreg.wire.models import Snapshot, SnapshotRequest
 
 __all__ = ["RpcClient"]
@@ -58,16 +58,8 @@ class RpcClient:
 
     async def _declare(self) -> None:
         with translate("rpc reply queue"):
-            queue: AbstractQueue
-            if isinstance(self._channel, AbstractRobustChannel):
-                # not restored by aio-pika under its old name after a reconnect: on a
-                # cluster whose node died with it the broker refuses that (RESOURCE_LOCKED),
-                # which fails the whole connection's recovery; a new one is declared instead
-                queue = await self._channel.declare_queue(
-                    "", exclusive=True, auto_delete=True, robust=False
-                )
-            else:
-                queue = await self._channel.declare_queue("", exclusive=True, auto_delete=True)
+            # not restored by aio-pika after a reconnect: reconnected() has a new one made
+            queue = await declare_exclusive_queue(self._channel)
             await queue.consume(self._on_reply, no_ack=True)
         self._queue = queue
         self._stale = False

@@ -22,13 +22,11 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
     AbstractQueue,
-    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from pydantic import ValidationError
@@ -36,9 +34,10 @@ from pydantic import ValidationError
 from busreg.backoff import Backoff, RetryLog
 from busreg.client.revisions import Change, Outcome, ViewState
 from busreg.client.rpc import RpcClient
-from busreg.errors import BusregError, ClosedError, TopologyMissing
+from busreg.errors import BusregError, ClosedError
 from busreg.tasks import close_quietly
 from busreg.transport.connections import translate
+from busreg.transport.queues import declare_exclusive_queue, queue_exists
 from busreg.transport.topology import declare_service_exchange
 from busreg.wire.models import Delta, Instance, validation_message
 
@@ -224,22 +223,10 @@ class ServiceView:
             if self._channel is None or self._channel.is_closed:
                 self._channel = await self._connection.channel()
             exchange = await declare_service_exchange(self._channel, self._namespace, self.service)
-            # robust=False: aio-pika would declare this exclusive queue again under its old
-            # name after a reconnect, and on a cluster whose node died with it the broker
-            # refuses that (RESOURCE_LOCKED: the dead connection still holds it), which
-            # fails the whole connection's recovery; the view binds a new queue instead
-            arguments: dict[str, Any] = {
-                "x-max-length": self._queue_max,
-                "x-overflow": "drop-head",
-            }
-            if isinstance(self._channel, AbstractRobustChannel):
-                self._queue = await self._channel.declare_queue(
-                    "", exclusive=True, auto_delete=True, arguments=arguments, robust=False
-                )
-            else:
-                self._queue = await self._channel.declare_queue(
-                    "", exclusive=True, auto_delete=True, arguments=arguments
-                )
+            # not restored by aio-pika after a reconnect: _bind_again makes a new one
+            self._queue = await declare_exclusive_queue(
+                self._channel, {"x-max-length": self._queue_max, "x-overflow": "drop-head"}
+            )
             await self._queue.bind(exchange, routing_key="#")
             self._consumer_tag = await self._queue.consume(self._on_delta, no_ack=True)
 
@@ -335,18 +322,8 @@ class ServiceView:
         await self.resync()
 
     async def _queue_exists(self, name: str) -> bool:
-        # a passive declare of a missing queue closes its channel: use a throwaway one
         with translate("watch queue check"):
-            channel = await self._connection.channel()
-        try:
-            with translate("watch queue check"):
-                await channel.declare_queue(name, passive=True)
-        except TopologyMissing:
-            return False
-        finally:
-            if not channel.is_closed:
-                await close_quietly(channel.close, "watch check channel")
-        return True
+            return await queue_exists(self._connection, name)
 
     async def _safe(self, action: Callable[[], Awaitable[None]]) -> bool:
         try:

@@ -23,7 +23,7 @@ from busreg.server.store import PartitionStore
 from busreg.settings import Settings
 from busreg.tasks import close_quietly
 from busreg.transport.connections import translate
-from busreg.transport.migration import queue_has_arguments
+from busreg.transport.queues import queue_has_arguments
 from busreg.wire.models import Snapshot, SnapshotRequest, validation_message
 from busreg.wire.routing import partition_for
 

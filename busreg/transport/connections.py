@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 import aiormq
@@ -31,6 +31,7 @@ from busreg.errors import (
     TopologyMissing,
 )
 from busreg.settings import Settings, StreamEndpoint
+from busreg.tasks import close_quietly
 
 __all__ = [
     "connect_amqp",
@@ -42,6 +43,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("busreg.connections")
+N = TypeVar("N")
+R = TypeVar("R")
 
 
 def _redact(url: str) -> str:
@@ -124,49 +127,55 @@ def translate_stream(what: str) -> Iterator[None]:
         raise ConnectionFailed(f"{what}: stream connection failed ({exc!r})") from exc
 
 
+async def _on_first_node(
+    nodes: Sequence[N], attempt: Callable[[N], Awaitable[R]], *, start: int = 0
+) -> R:
+    """``attempt(node)`` on each node in turn, beginning at ``start``; the first that
+    succeeds wins. Refused credentials end it at once (the same users on every node);
+    any other connection failure moves on to the next node, and the last is raised."""
+    last: ConnectionFailed | None = None
+    for node in [*nodes[start:], *nodes[:start]]:
+        try:
+            return await attempt(node)
+        except AuthenticationFailed:
+            raise
+        except ConnectionFailed as exc:
+            last = exc
+            if len(nodes) > 1:
+                log.info("node unreachable (%s); trying the next", exc)
+    assert last is not None, "no nodes"
+    raise last
+
+
 async def connect_amqp(settings: Settings, name: str) -> AbstractRobustConnection:
     """A robust (self-reconnecting) AMQP connection to the first node of ``amqp_url`` that
     answers; when it is lost, reconnection goes round the nodes (see FailoverConnection)."""
     from busreg.transport.failover import FailoverConnection
 
     urls = settings.amqp_urls()
-    last: BaseException | None = None
-    for i in range(len(urls)):
+
+    async def attempt(i: int) -> AbstractRobustConnection:
         order = urls[i:] + urls[:i]
-        try:
-            with translate(f"AMQP connect to {_redact(order[0])}"):
-                async with asyncio.timeout(10):
-                    conn = FailoverConnection(order, client_properties={"connection_name": name})
-                    await conn.connect()
-            return conn
-        except ConnectionFailed as exc:
-            if isinstance(exc, AuthenticationFailed):
-                raise  # the same users on every node: trying the next changes nothing
-            last = exc
-            log.info("AMQP node %s unreachable (%s); trying the next", _redact(order[0]), exc)
-    assert last is not None
-    raise last
+        with translate(f"AMQP connect to {_redact(order[0])}"):
+            async with asyncio.timeout(10):
+                conn = FailoverConnection(order, client_properties={"connection_name": name})
+                await conn.connect()
+        return conn
+
+    return await _on_first_node(range(len(urls)), attempt)
 
 
 async def connect_amqp_once(settings: Settings, name: str) -> AbstractConnection:
     """A plain (not self-reconnecting) AMQP connection to the first node that answers; its
     owner opens a new one after a failure (a partition's delta publishing)."""
     urls = settings.amqp_urls()
-    start = next(_round_robin) % len(urls)
-    last: BaseException | None = None
-    for url in urls[start:] + urls[:start]:
-        try:
-            with translate(f"AMQP connect to {_redact(url)}"):
-                async with asyncio.timeout(10):
-                    return await aio_pika.connect(
-                        url, client_properties={"connection_name": name}
-                    )
-        except AuthenticationFailed:
-            raise
-        except ConnectionFailed as exc:
-            last = exc
-    assert last is not None
-    raise last
+
+    async def attempt(url: str) -> AbstractConnection:
+        with translate(f"AMQP connect to {_redact(url)}"):
+            async with asyncio.timeout(10):
+                return await aio_pika.connect(url, client_properties={"connection_name": name})
+
+    return await _on_first_node(urls, attempt, start=next(_round_robin) % len(urls))
 
 
 #: Where the next connection starts in a list of nodes: spreads a process's connections
@@ -285,32 +294,20 @@ async def _first_started(
     share of it: rstream's start does not fail on a connection that a dead node's host
     resets, it waits (measured: the whole timeout), so one try may not take it all."""
     endpoints = settings.stream_endpoints()
-    start = next(_round_robin) % len(endpoints)
     timeout = max(0.5, timeout / len(endpoints))
-    last: BaseException | None = None
-    for endpoint in endpoints[start:] + endpoints[:start]:
+
+    async def attempt(endpoint: StreamEndpoint) -> Any:
         client = make(endpoint)
         try:
             with translate_stream(f"stream connect to {endpoint.host}:{endpoint.port}"):
                 async with asyncio.timeout(timeout):
                     await client.start()
-            return client
-        except AuthenticationFailed:
-            await close_stream_client(client)
+        except BaseException:
+            await close_quietly(client.close, "stream client", timeout=2)
             raise
-        except ConnectionFailed as exc:
-            await close_stream_client(client)
-            last = exc
-    assert last is not None
-    raise last
+        return client
 
-
-async def close_stream_client(client: Any) -> None:
-    try:
-        async with asyncio.timeout(2):
-            await client.close()
-    except Exception as exc:  # never started, or the peer is gone: nothing to keep
-        log.debug("stream client close: %r", exc)
+    return await _on_first_node(endpoints, attempt, start=next(_round_robin) % len(endpoints))
 
 
 async def stream_producer(

@@ -27,55 +27,22 @@ from collections.abc import Mapping
 from typing import Any
 
 import aio_pika
-import aiormq
 from aio_pika.abc import AbstractConnection
 
-__all__ = ["ensure_quorum_queue", "queue_exists", "queue_has_arguments"]
+from busreg.transport.queues import queue_has_arguments, throwaway_channel
+
+__all__ = ["MIGRATING_SUFFIX", "ensure_quorum_queue"]
 
 log = logging.getLogger("busreg.topology")
 
 MIGRATING_SUFFIX = ".migrating"
 
 
-async def queue_exists(conn: AbstractConnection, name: str) -> bool:
-    """Whether queue ``name`` exists (a passive declare, on a throwaway channel: a failed
-    one closes its channel)."""
-    channel = await conn.channel()
-    try:
-        await channel.declare_queue(name, passive=True)
-    except aio_pika.exceptions.ChannelNotFoundEntity:
-        return False
-    finally:
-        if not channel.is_closed:
-            await channel.close()
-    return True
-
-
-async def queue_has_arguments(
-    conn: AbstractConnection, name: str, arguments: Mapping[str, Any]
-) -> bool | None:
-    """True if queue ``name`` exists with ``arguments``, False if it exists with others,
-    None if there is no such queue. (Declaring it is the only way AMQP tells; a refused
-    declare closes its channel, so each probe uses a throwaway one.)"""
-    if not await queue_exists(conn, name):
-        return None
-    channel = await conn.channel()
-    try:
-        await channel.declare_queue(name, durable=True, arguments=dict(arguments))
-    except aiormq.exceptions.ChannelPreconditionFailed:
-        return False
-    finally:
-        if not channel.is_closed:
-            await channel.close()
-    return True
-
-
 async def _move(conn: AbstractConnection, source: str, target: str) -> int:
     """Move every message of ``source`` to ``target`` (confirmed, then acked); returns how
     many. Headers, properties and body are kept."""
     moved = 0
-    channel = await conn.channel(publisher_confirms=True)
-    try:
+    async with throwaway_channel(conn, publisher_confirms=True) as channel:
         queue = await channel.declare_queue(source, passive=True)
         while True:
             message = await queue.get(no_ack=False, fail=False)
@@ -99,25 +66,17 @@ async def _move(conn: AbstractConnection, source: str, target: str) -> int:
             await channel.default_exchange.publish(copy, routing_key=target)
             await message.ack()
             moved += 1
-    finally:
-        if not channel.is_closed:
-            await channel.close()
+    raise AssertionError("unreachable")  # the loop returns
 
 
 async def _declare(conn: AbstractConnection, name: str, arguments: Mapping[str, Any]) -> None:
-    channel = await conn.channel()
-    try:
+    async with throwaway_channel(conn) as channel:
         await channel.declare_queue(name, durable=True, arguments=dict(arguments))
-    finally:
-        await channel.close()
 
 
 async def _delete(conn: AbstractConnection, name: str) -> None:
-    channel = await conn.channel()
-    try:
+    async with throwaway_channel(conn) as channel:
         await channel.queue_delete(name)
-    finally:
-        await channel.close()
 
 
 async def ensure_quorum_queue(

@@ -22,7 +22,8 @@ from busreg import constants as c
 from busreg.errors import PartitionMismatch, TopologyMissing
 from busreg.settings import Settings
 from busreg.transport.connections import translate
-from busreg.transport.migration import MIGRATING_SUFFIX, ensure_quorum_queue, queue_exists
+from busreg.transport.migration import MIGRATING_SUFFIX, ensure_quorum_queue
+from busreg.transport.queues import queue_exists
 
 __all__ = [
     "apply_topology",

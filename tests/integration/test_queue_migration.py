@@ -15,7 +15,8 @@ from busreg import Registry, Settings
 from busreg import constants as c
 from busreg.testing import cleanup_namespace, running_worker
 from busreg.transport.connections import connect_amqp
-from busreg.transport.migration import MIGRATING_SUFFIX, queue_has_arguments
+from busreg.transport.migration import MIGRATING_SUFFIX
+from busreg.transport.queues import queue_has_arguments
 from busreg.transport.topology import apply_topology, declare_ingest
 
 pytestmark = [pytest.mark.servers, pytest.mark.busreg(partitions=2)]

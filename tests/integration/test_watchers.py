@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import aiormq
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -20,6 +19,7 @@ from busreg.client.view import ServiceView
 from busreg.errors import RequestTimeout
 from busreg.server.worker import Worker
 from busreg.testing import running_worker
+from busreg.transport.queues import queue_exists
 from busreg.wire.models import Delta, Heartbeat
 
 from .helpers import delete_service_exchanges
@@ -29,19 +29,6 @@ pytestmark = pytest.mark.servers
 
 def _client(settings: Settings, **changes: Any) -> Settings:
     return settings.model_copy(update={"client": settings.client.model_copy(update=changes)})
-
-
-async def _queue_exists(registry: Registry, name: str) -> bool:
-    assert registry._amqp is not None
-    channel = await registry._amqp.channel()
-    try:
-        await channel.declare_queue(name, passive=True)
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        return False
-    finally:
-        if not channel.is_closed:
-            await channel.close()
-    return True
 
 
 async def test_a_flooded_view_stays_bounded_and_resyncs_once_per_overflow(
@@ -140,7 +127,8 @@ async def test_a_failed_first_watch_leaves_nothing_behind(
         assert "lonely" not in registry.views
         assert failed._channel is None or failed._channel.is_closed, "channel leaked"
         assert failed._queue is not None
-        assert not await _queue_exists(registry, failed._queue.name), "queue leaked"
+        assert registry._amqp is not None
+        assert not await queue_exists(registry._amqp, failed._queue.name), "queue leaked"
 
         async with running_worker(settings):
             view = await registry.watch("lonely")
