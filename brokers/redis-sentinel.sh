@@ -24,6 +24,9 @@ read -r -a DATA <<<"${BUSREG_SENTINEL_DATA_PORTS:-7011 7012}"
 read -r -a SENT <<<"${BUSREG_SENTINEL_PORTS:-26391 26392 26393}"
 MASTER=busreg
 
+# shellcheck source=brokers/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 say() { echo "redis-sentinel: $*" >&2; }
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
@@ -116,17 +119,7 @@ start)
     say "ready: master $(current_master), sentinels ${SENT[*]}"
     ;;
 stop)
-    for pidfile in "$STATE"/*/pid; do
-        [ -f "$pidfile" ] || continue
-        pid=$(cat "$pidfile")
-        kill -TERM "$pid" 2>/dev/null || true
-        for ((i = 0; i < 50; i++)); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-    done
-    rm -rf "$STATE"
+    stop_pids "$STATE"
     ;;
 master)
     current_master

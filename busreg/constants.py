@@ -80,6 +80,14 @@ KEY_STATE = "state"  # hash: fence, epoch, offset, last_ts, clock, counters
 KEY_LEASE = "lease"  # string "<worker>|<token>" with PX expiry on Redis' clock
 KEY_OUTBOX = "outbox"  # list of pending deltas / dead letters, drained with confirms
 KEY_WORKERS = "workers"  # zset worker id -> membership deadline (Redis ms), cluster prefix
+KEY_REV = "rev"  # hash: service -> revision
+KEY_DEADLINES = "deadlines"  # zset svc<US>id -> lease deadline on the partition clock
+KEY_TOMB = "tomb"  # hash svc<US>id -> version at removal
+KEY_TOMB_DEADLINES = "tombdl"  # zset svc<US>id -> when the tombstone is forgotten
+KEY_SERVICE = "s:"  # + service name: hash instance id -> version .. stored JSON
+
+#: The fixed keys apply.lua declares first, in this order (the service hashes follow).
+APPLY_KEYS = (KEY_STATE, KEY_REV, KEY_DEADLINES, KEY_TOMB, KEY_TOMB_DEADLINES, KEY_OUTBOX)
 
 # --- queue arguments --------------------------------------------------------------------
 

@@ -156,31 +156,69 @@ class SentinelTarget:
 
     @classmethod
     def parse(cls, url: str) -> SentinelTarget:
-        scheme, _, rest = url.partition("://")
-        if scheme not in ("redis+sentinel", "rediss+sentinel") or not rest:
-            raise ValueError("must look like redis+sentinel://[user:pw@]h1:26379,h2:26379/master/0")
-        netloc, _, path = rest.partition("/")
-        userinfo, _, hosts = netloc.rpartition("@")
-        username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
-        sentinels = []
-        for item in hosts.split(","):
-            host, _, port = item.strip().rpartition(":")
-            if not host or not port.isdigit():
-                raise ValueError(f"sentinel address {item!r} must be host:port")
-            sentinels.append((host.strip("[]"), int(port)))
+        scheme, username, password, sentinels, path = _split_multi_host(
+            url, "sentinel", "redis+sentinel://[user:pw@]h1:26379,h2:26379/master/0"
+        )
         master, _, db = path.strip("/").partition("/")
         if not master:
             raise ValueError("name the Sentinel master: redis+sentinel://h1:26379/<master>/0")
         if db and not db.isdigit():
             raise ValueError(f"database {db!r} must be a number")
         return cls(
-            sentinels=tuple(sentinels),
+            sentinels=sentinels,
             master=unquote(master),
             db=int(db or 0),
-            username=unquote(username) or None,
-            password=unquote(password) or None,
+            username=username,
+            password=password,
             tls=scheme.startswith("rediss"),
         )
+
+
+@dataclass(frozen=True)
+class ClusterTarget:
+    """Where Redis is when ``redis_url`` names a Redis Cluster, parsed from
+    ``redis+cluster://[user:password@]host1:7001,host2:7002`` (``rediss+cluster://`` for
+    TLS). The nodes are where the client starts: it learns the others, and which master
+    serves which slot, from them. A cluster has database 0 only.
+
+    >>> ClusterTarget.parse("redis+cluster://a:7001,b:7002").nodes
+    (('a', 7001), ('b', 7002))
+    """
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None
+    password: str | None
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> ClusterTarget:
+        scheme, username, password, nodes, path = _split_multi_host(
+            url, "cluster", "redis+cluster://[user:pw@]h1:7001,h2:7002"
+        )
+        if path.strip("/") not in ("", "0"):
+            raise ValueError("a Redis Cluster has database 0 only: leave the path out")
+        return cls(
+            nodes=nodes, username=username, password=password, tls=scheme.startswith("rediss")
+        )
+
+
+def _split_multi_host(
+    url: str, kind: str, shape: str
+) -> tuple[str, str | None, str | None, tuple[tuple[str, int], ...], str]:
+    """(scheme, user, password, ((host, port), ...), path) of a ``redis+<kind>://`` URL."""
+    scheme, _, rest = url.partition("://")
+    if scheme not in (f"redis+{kind}", f"rediss+{kind}") or not rest:
+        raise ValueError(f"must look like {shape}")
+    netloc, _, path = rest.partition("/")
+    userinfo, _, hosts = netloc.rpartition("@")
+    username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
+    addresses = []
+    for item in hosts.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"{kind} address {item!r} must be host:port")
+        addresses.append((host.strip("[]"), int(port)))
+    return scheme, unquote(username) or None, unquote(password) or None, tuple(addresses), path
 
 
 @dataclass(frozen=True)
@@ -249,11 +287,15 @@ class Settings(BaseSettings):
         if "+sentinel://" in value:
             SentinelTarget.parse(value)
             return value
+        if "+cluster://" in value:
+            ClusterTarget.parse(value)
+            return value
         parts = _split(value)
         if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
             raise ValueError(
-                "must look like redis://[user:password@]host:6379/0 or "
-                "redis+sentinel://[user:password@]host1:26379,host2:26379/<master>/0"
+                "must look like redis://[user:password@]host:6379/0, "
+                "redis+sentinel://[user:password@]host1:26379,host2:26379/<master>/0 or "
+                "redis+cluster://[user:password@]host1:7001,host2:7002"
             )
         return value
 
@@ -302,6 +344,10 @@ class Settings(BaseSettings):
     def redis_sentinel(self) -> SentinelTarget | None:
         """The Sentinels and master name if ``redis_url`` names Sentinels, else None."""
         return SentinelTarget.parse(self.redis_url) if "+sentinel://" in self.redis_url else None
+
+    def redis_cluster(self) -> ClusterTarget | None:
+        """The start nodes if ``redis_url`` names a Redis Cluster, else None."""
+        return ClusterTarget.parse(self.redis_url) if "+cluster://" in self.redis_url else None
 
     def amqp_urls(self) -> list[str]:
         """The AMQP URLs, in the order connections try them."""

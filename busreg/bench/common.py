@@ -248,4 +248,8 @@ async def instance_count(store: PartitionStore, partitions: int) -> int:
 
 
 async def redis_client(settings: Settings) -> aioredis.Redis:
-    return await connect_redis(settings)
+    client = await connect_redis(settings)
+    if not isinstance(client, aioredis.Redis):  # its pipelines and raw rates are per node
+        await client.aclose()
+        raise SystemExit("busreg bench measures a standalone Redis (or one behind Sentinels)")
+    return client

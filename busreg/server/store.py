@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from busreg import constants as c
-from busreg.transport.connections import translate
+from busreg.errors import BusregError
+from busreg.transport.connections import RedisClient, translate
 from busreg.wire.models import Instance
 
 __all__ = ["ApplyResult", "Lease", "PartitionStore", "ServiceRow", "SnapshotRows"]
@@ -48,6 +48,18 @@ class ApplyResult:
     expired: int
     outbox: int
 
+    def then(self, later: ApplyResult) -> ApplyResult:
+        """This result followed by ``later``'s (one batch applied in two calls)."""
+        return ApplyResult(
+            later.offset,
+            self.changes + later.changes,
+            self.applied + later.applied,
+            self.stale + later.stale,
+            self.replayed + later.replayed,
+            self.expired + later.expired,
+            later.outbox,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class SnapshotRows:
@@ -67,6 +79,10 @@ class ServiceRow:
     instances: int
 
 
+#: First element of a script's reply that names services it needed undeclared (apply.lua)
+UNDECLARED = b"undeclared"
+
+
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -74,7 +90,7 @@ def _s(value: Any) -> str:
 class PartitionStore:
     """All Redis operations of busreg for one namespace (every partition)."""
 
-    def __init__(self, redis: aioredis.Redis, namespace: str) -> None:
+    def __init__(self, redis: RedisClient, namespace: str) -> None:
         self.redis = redis
         self.namespace = namespace
         self._apply: AsyncScript = redis.register_script(_script("apply"))
@@ -87,18 +103,30 @@ class PartitionStore:
         self._workers: AsyncScript = redis.register_script(_script("workers"))
         self._leave: AsyncScript = redis.register_script(_script("leave"))
         self._workers_key = c.cluster_key_prefix(namespace) + c.KEY_WORKERS
+        #: per partition, the services whose hashes the scripts declare besides a batch's
+        #: own (Redis Cluster guarantees declared keys only): learnt from the scripts'
+        #: "missing" replies, kept for the store's life (a stale name costs nothing)
+        self._services_of: dict[int, set[str]] = {}
         #: called with (events, seconds) after each committed apply batch (worker metrics)
         self.observe_apply: Callable[[int, float], None] | None = None
 
     def prefix(self, partition: int) -> str:
         return c.partition_key_prefix(self.namespace, partition)
 
+    def _keys(self, partition: int, *names: str) -> list[str]:
+        prefix = self.prefix(partition)
+        return [prefix + name for name in names]
+
+    def _service_keys(self, partition: int, services: set[str]) -> list[str]:
+        prefix = self.prefix(partition) + c.KEY_SERVICE
+        return [prefix + s for s in sorted(services)]
+
     # --- ownership ----------------------------------------------------------------------
 
     async def acquire(self, partition: int, worker: str, lease_ms: int) -> Lease | None:
         with translate(f"acquire partition {partition}"):
             res = await self._acquire(
-                keys=[self.prefix(partition)],
+                keys=self._keys(partition, c.KEY_STATE, c.KEY_LEASE),
                 args=[worker, lease_ms, secrets.token_hex(6), secrets.token_hex(4)],
             )
         if int(res[0]) != 1:
@@ -109,13 +137,14 @@ class PartitionStore:
     async def renew(self, lease: Lease, lease_ms: int) -> bool:
         with translate(f"renew partition {lease.partition}"):
             res = await self._renew(
-                keys=[self.prefix(lease.partition)], args=[lease.holder, lease.token, lease_ms]
+                keys=self._keys(lease.partition, c.KEY_STATE, c.KEY_LEASE),
+                args=[lease.holder, lease.token, lease_ms],
             )
         return int(res) == 1
 
     async def release(self, lease: Lease) -> None:
         with translate(f"release partition {lease.partition}"):
-            await self._release(keys=[self.prefix(lease.partition)], args=[lease.holder])
+            await self._release(keys=self._keys(lease.partition, c.KEY_LEASE), args=[lease.holder])
 
     async def owner(self, partition: int) -> str | None:
         with translate("read lease"):
@@ -158,18 +187,37 @@ class PartitionStore:
         ``rebuild_until``: the stream's head offset when this owner started a partition
         that had no committed offset (it replays history quietly up to there)."""
         exchange_prefix = c.service_exchange(self.namespace, "")
+        known = self._services_of.setdefault(lease.partition, set())
+        # every event's service (8 fields per event: op third, service fourth)
+        known.update(svc for op, svc in zip(args[2::8], args[3::8], strict=True) if op != "N")
+        events = count
+        head: list[Any] = [lease.token, max_step_ms, tombstone_ms, exchange_prefix]
+        tail: list[Any] = [grace_ms, rebuild_until]
         started = time.perf_counter()
-        with translate(f"apply batch to partition {lease.partition}"):
-            res = await self._apply(
-                keys=[self.prefix(lease.partition)],
-                args=[
-                    lease.token, max_step_ms, tombstone_ms, exchange_prefix, count, grace_ms,
-                    rebuild_until, *args,
-                ],
-            )
+        total: ApplyResult | None = None
+        # At most three calls: the batch, again with services a failover or rebuild
+        # announcement needs (nothing was written), and an empty one for expiries whose
+        # services were undeclared (the batch was applied). See apply.lua.
+        for _ in range(3):
+            keys = self._keys(lease.partition, *c.APPLY_KEYS)
+            keys += self._service_keys(lease.partition, known)
+            with translate(f"apply batch to partition {lease.partition}"):
+                res = await self._apply(keys=keys, args=[*head, count, *tail, *args])
+            if res[0] == UNDECLARED:
+                known.update(_s(x) for x in res[1:])
+                continue
+            step = ApplyResult(*(int(x) for x in res[:7]))
+            total = step if total is None else total.then(step)
+            missing = [_s(x) for x in res[7:]]
+            if not missing:
+                break
+            known.update(missing)
+            args, count = [], 0
+        if total is None:  # services kept appearing between calls: a bug, not a state
+            raise BusregError(f"partition {lease.partition}: apply kept naming new services")
         if self.observe_apply is not None:
-            self.observe_apply(count, time.perf_counter() - started)
-        return ApplyResult(*(int(x) for x in res))
+            self.observe_apply(events, time.perf_counter() - started)
+        return total
 
     async def outbox_step(
         self, lease: Lease, confirmed_upto: int, limit: int
@@ -179,7 +227,8 @@ class PartitionStore:
         same call twice trims once (see outbox.lua); raises Fenced."""
         with translate(f"outbox of partition {lease.partition}"):
             res = await self._outbox(
-                keys=[self.prefix(lease.partition)], args=[lease.token, confirmed_upto, limit]
+                keys=self._keys(lease.partition, c.KEY_STATE, c.KEY_OUTBOX),
+                args=[lease.token, confirmed_upto, limit],
             )
         return int(res[0]), list(res[1:])
 
@@ -187,16 +236,24 @@ class PartitionStore:
 
     async def snapshot(self, partition: int, service: str) -> SnapshotRows:
         with translate(f"snapshot of {service}"):
-            epoch, rev, rows, rebuilding = await self._snapshot(
-                keys=[self.prefix(partition)], args=[service]
-            )
+            keys = self._keys(partition, c.KEY_STATE, c.KEY_REV, c.KEY_SERVICE + service)
+            epoch, rev, rows, rebuilding = await self._snapshot(keys=keys, args=[service])
         instances = [Instance.model_validate_json(r) for r in rows]
         instances.sort(key=lambda i: i.instance_id)
         return SnapshotRows(_s(epoch), int(_s(rev)), instances, bool(int(rebuilding)))
 
     async def services(self, partition: int) -> list[ServiceRow]:
-        with translate(f"services of partition {partition}"):
-            res = await self._services(keys=[self.prefix(partition)])
+        known = self._services_of.setdefault(partition, set())
+        for _ in range(3):  # again with the services the reply named (services.lua)
+            keys = self._keys(partition, c.KEY_STATE, c.KEY_REV)
+            keys += self._service_keys(partition, known)
+            with translate(f"services of partition {partition}"):
+                res = await self._services(keys=keys)
+            if res[0] != UNDECLARED:
+                break
+            known.update(_s(x) for x in res[1:])
+        else:
+            raise BusregError(f"partition {partition}: services kept appearing")
         epoch = _s(res[0])
         return [
             ServiceRow(_s(res[i]), epoch, int(_s(res[i + 1])), int(res[i + 2]))

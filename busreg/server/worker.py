@@ -27,7 +27,6 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, Self
 
-import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from busreg import constants as c
@@ -43,7 +42,13 @@ from busreg.server.store import PartitionStore
 from busreg.server.ticker import StandbyTicker
 from busreg.settings import Settings
 from busreg.tasks import cancel_until_done, close_quietly
-from busreg.transport.connections import connect_amqp, connect_redis, stream_consumer, translate
+from busreg.transport.connections import (
+    RedisClient,
+    connect_amqp,
+    connect_redis,
+    stream_consumer,
+    translate,
+)
 from busreg.transport.streams import StreamWriter
 from busreg.transport.topology import verify_partitions
 
@@ -76,7 +81,7 @@ class Worker:
         self._closed = False
         self._opened = False
         self._owned: dict[int, Owned] = {}
-        self._redis: aioredis.Redis | None = None
+        self._redis: RedisClient | None = None
         self._amqp: AbstractRobustConnection | None = None
         self._ticks: StreamWriter | None = None
         self._publish_channel: AbstractChannel | None = None

@@ -11,7 +11,7 @@ import itertools
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import aio_pika
 import aiormq
@@ -19,6 +19,7 @@ import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions as redis_exc
 from aio_pika.abc import AbstractConnection, AbstractRobustConnection
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -30,10 +31,11 @@ from busreg.errors import (
     PublishFailed,
     TopologyMissing,
 )
-from busreg.settings import Settings, StreamEndpoint
+from busreg.settings import ClusterTarget, Settings, StreamEndpoint
 from busreg.tasks import close_quietly
 
 __all__ = [
+    "RedisClient",
     "connect_amqp",
     "connect_redis",
     "stream_consumer",
@@ -70,6 +72,17 @@ def translate(what: str) -> Iterator[None]:
     except redis_exc.ReadOnlyError as exc:
         # a master demoted to a replica (a failover): retried like a lost connection
         raise ConnectionFailed(f"{what}: Redis node is a replica now ({exc})") from exc
+    except (
+        redis_exc.ClusterDownError,
+        redis_exc.ClusterError,  # "TTL exhausted": redirections or TRYAGAIN that went on
+        redis_exc.TryAgainError,
+        redis_exc.MovedError,
+        redis_exc.AskError,
+        redis_exc.SlotNotCoveredError,
+    ) as exc:
+        # a Redis Cluster failing over or moving slots: transient, retried like a lost
+        # connection (redis-py already followed the redirections it could)
+        raise ConnectionFailed(f"{what}: Redis Cluster not ready ({exc!r})") from exc
     except redis_exc.ResponseError as exc:
         if str(exc).startswith("FENCED"):
             raise Fenced(f"{what}: {exc}") from exc
@@ -78,6 +91,9 @@ def translate(what: str) -> Iterator[None]:
         raise BusregError(f"{what}: Redis error {exc}") from exc
     except (redis_exc.ConnectionError, redis_exc.TimeoutError) as exc:
         raise ConnectionFailed(f"{what}: Redis unreachable ({exc})") from exc
+    except redis_exc.RedisClusterException as exc:
+        # no node of the cluster answered, or its slots are not all served
+        raise ConnectionFailed(f"{what}: Redis Cluster unreachable ({exc})") from exc
     except aiormq.exceptions.ProbableAuthenticationError as exc:
         raise AuthenticationFailed(f"{what}: RabbitMQ refused the credentials") from exc
     except aiormq.exceptions.ChannelAccessRefused as exc:
@@ -230,47 +246,80 @@ _REDIS_OPTIONS: dict[str, Any] = {
 SENTINEL_TIMEOUT = 0.5
 
 
-async def connect_redis(settings: Settings) -> aioredis.Redis:
+#: A standalone (or Sentinel-managed) Redis client, or a Redis Cluster one: both run the
+#: commands and scripts busreg uses, the cluster one routing each by its key's slot.
+RedisClient: TypeAlias = aioredis.Redis | RedisCluster
+
+
+async def connect_redis(settings: Settings) -> RedisClient:
     """A Redis client; checked with PING so a bad URL fails here, not later.
 
     With ``redis+sentinel://`` the client asks the Sentinels for the master on every new
     connection, so after a failover it reconnects to the promoted replica by itself (the
-    calls in flight fail as ConnectionFailed, and busreg's retries carry on). redis-py's
-    Script objects load a script again on NOSCRIPT (SCRIPT LOAD is not replicated)."""
-    target = settings.redis_sentinel()
-    client: aioredis.Redis
-    if target is None:
-        client = aioredis.Redis.from_url(settings.redis_url, **_REDIS_OPTIONS)
+    calls in flight fail as ConnectionFailed, and busreg's retries carry on). With
+    ``redis+cluster://`` it learns the slot map from the nodes given and follows MOVED/ASK
+    itself; a lost node makes it re-read the map on the next call. redis-py's Script
+    objects load a script again on NOSCRIPT (SCRIPT LOAD is not replicated)."""
+    sentinel_target = settings.redis_sentinel()
+    cluster_target = settings.redis_cluster()
+    client: RedisClient
+    if cluster_target is not None:
+        client = _cluster_client(cluster_target)
+        where = "cluster " + ",".join(f"{h}:{p}" for h, p in cluster_target.nodes)
+    elif sentinel_target is None:
+        client = standalone = aioredis.Redis.from_url(settings.redis_url, **_REDIS_OPTIONS)
         where = _redact(settings.redis_url)
+        pool = standalone.connection_pool
+        pool.connection_class = _with_hiredis_packing(pool.connection_class)
     else:
         from redis.asyncio.sentinel import Sentinel
 
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            list(target.sentinels),
+            list(sentinel_target.sentinels),
             sentinel_kwargs={
                 "socket_timeout": SENTINEL_TIMEOUT,
                 "socket_connect_timeout": SENTINEL_TIMEOUT,
             },
         )
-        client = sentinel.master_for(
-            target.master,
-            db=target.db,
-            username=target.username,
-            password=target.password,
-            ssl=target.tls,
+        client = managed = sentinel.master_for(
+            sentinel_target.master,
+            db=sentinel_target.db,
+            username=sentinel_target.username,
+            password=sentinel_target.password,
+            ssl=sentinel_target.tls,
             **_REDIS_OPTIONS,
         )
-        hosts = ",".join(f"{h}:{p}" for h, p in target.sentinels)
-        where = f"master {target.master!r} via Sentinels {hosts}"
-    # the class was chosen for the URL's scheme; connections are made on first use
-    pool = client.connection_pool
-    pool.connection_class = _with_hiredis_packing(pool.connection_class)
+        hosts = ",".join(f"{h}:{p}" for h, p in sentinel_target.sentinels)
+        where = f"master {sentinel_target.master!r} via Sentinels {hosts}"
+        # the class was chosen for the URL's scheme; connections are made on first use
+        pool = managed.connection_pool
+        pool.connection_class = _with_hiredis_packing(pool.connection_class)
     try:
         with translate(f"Redis connect to {where}"):
             await client.ping()
     except BusregError:
         await client.aclose()
         raise
+    return client
+
+
+def _cluster_client(target: ClusterTarget) -> RedisCluster:
+    options = {k: v for k, v in _REDIS_OPTIONS.items() if k != "retry_on_timeout"}
+    client = RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+        username=target.username,
+        password=target.password,
+        ssl=target.tls,
+        # with _REDIS_OPTIONS' retry (none): MOVED/ASK are followed inside one call
+        # (protocol, not a retry); a lost node raises at once, and busreg's own retry
+        # calls again on the re-read slot map
+        **options,
+    )
+    # every node, those found later included, is made with these connection kwargs
+    packed = _with_hiredis_packing(client.connection_kwargs["connection_class"])
+    client.connection_kwargs["connection_class"] = packed
+    for node in client.nodes_manager.startup_nodes.values():
+        node.connection_class = packed
     return client
 
 

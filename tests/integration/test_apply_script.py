@@ -480,3 +480,68 @@ async def test_a_fresh_partition_with_an_empty_stream_rebuilds_nothing(
     await store.apply(lease, list(up(0, T, "a")), 1, MAX_STEP, TOMB_MS, GRACE_MS)
     assert await _outbox(store) == [("added", 1, None, "a")]
     assert not (await store.snapshot(P, SVC)).rebuilding
+
+
+# --- services a new owner never named (Redis Cluster: declared keys only) ---------------
+
+
+def _up_in(service: str, off: int, ts: int, iid: str, ttl_ms: int) -> Event:
+    payload = _payload(iid, 1, 1, ttl_ms, InstanceStatus.UP, service)
+    return (off, ts, "U", service, iid, _version(1, 1), ttl_ms, payload)
+
+
+async def _last_deltas(store: PartitionStore, n: int) -> list[tuple[str, str, str | None]]:
+    raw = await store.redis.lrange(store.prefix(P) + "outbox", -n, -1)
+    out = []
+    for entry in raw:
+        delta = json.loads(entry.split(US, 2)[2])
+        out.append((delta["kind"], delta["instance"]["instance_id"], delta["reason"]))
+    return out
+
+
+async def test_a_new_owner_expires_and_announces_services_it_never_named(
+    store: PartitionStore,
+) -> None:
+    """Redis Cluster guarantees only the keys a script declares, so apply.lua touches a
+    service's hash only if the caller named it: the batch's services and those the store
+    learnt. A worker that just took a partition over has learnt none. Its ticks must
+    still expire instances of every service (invariant 4: expiry at the lease, not one
+    batch of that service later), and after a failover the new epoch must announce every
+    live instance (invariant 5), whatever services the batch names."""
+    first = await _lease(store, "w1")
+    await _apply(
+        store,
+        first,
+        [
+            _up_in("svc-x", 0, T, "x", 1_000),
+            _up_in("svc-y", 1, T, "y", 9_000),
+            _up_in("svc-z", 2, T, "z", 9_000),
+        ],
+    )
+    await store.release(first)
+
+    takeover = PartitionStore(store.redis, store.namespace)  # knows no service yet
+    lease = await takeover.acquire(P, "w2", 60_000)
+    assert lease is not None
+    ticks = [*tick(3, T + 800), *tick(4, T + 1_600)]  # steps within max_step: no grace
+    res = await takeover.apply(lease, ticks, 2, MAX_STEP, TOMB_MS, GRACE_MS)
+    assert (res.offset, res.expired, res.changes) == (4, 1, 1)
+    assert await _last_deltas(store, 1) == [("removed", "x", "expired")]
+    await takeover.release(lease)
+
+    # a promoted replica: the primary that wrote the state is not the one answering now
+    await store.redis.hset(store.prefix(P) + "state", "replid", "f" * 40)
+    after = PartitionStore(store.redis, store.namespace)
+    lease = await after.acquire(P, "w3", 60_000)
+    assert lease is not None
+    res = await after.apply(lease, list(tick(5, T + 1_700)), 1, MAX_STEP, TOMB_MS, GRACE_MS)
+    assert (res.offset, res.changes) == (5, 2)
+    assert await _last_deltas(store, 2) == [("added", "y", None), ("added", "z", None)]
+    state = await store.partition_state(P)
+    assert state["epoch"].startswith("r")
+    assert state["epoch"] != lease.epoch
+    rows = await PartitionStore(store.redis, store.namespace).services(P)
+    assert {(r.service, r.revision, r.instances) for r in rows} == {
+        ("svc-y", 1, 1),
+        ("svc-z", 1, 1),
+    }

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from busreg.server.store import Lease, PartitionStore
 from busreg.transport.connections import connect_redis
 
 from .helpers import eventually, owners, partition_states, spawn_worker, stop_process
+from .workload import OwnershipAuditor, auditing
 
 pytestmark = pytest.mark.servers
 
@@ -27,54 +26,6 @@ def _balanced(o: dict[int, str | None], workers: set[str]) -> bool:
         return False
     counts = Counter(o.values()).values()
     return max(counts) - min(counts) <= 1
-
-
-class OwnershipAuditor:
-    """Samples every lease in Redis all through a test: a fencing token must belong to one
-    worker only, and tokens of a partition must only ever grow."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.seen: dict[tuple[int, str], str] = {}
-        self.last: dict[int, int] = {}
-        self.samples = 0
-        self.violations: list[str] = []
-        # stopped by an event, not by cancel(): on Python 3.11 a cancel that races a redis
-        # call's internal wait_for can be lost (CPython gh-86296), and the audit ran for ever
-        self.stop = asyncio.Event()
-
-    async def run(self) -> None:
-        redis = await connect_redis(self.settings)
-        store = PartitionStore(redis, self.settings.namespace)
-        try:
-            while not self.stop.is_set():
-                for k in range(self.settings.partitions):
-                    holder = await store.owner(k)
-                    if holder is None:
-                        continue
-                    worker, token = holder.split("|", 1)
-                    # "<epoch>/<n>.<nonce>": n grows per acquisition
-                    n = token.rsplit("/", 1)[1].split(".", 1)[0]
-                    if self.seen.setdefault((k, token), worker) != worker:
-                        self.violations.append(f"token {token} of {k} held by two workers")
-                    if int(n) < self.last.get(k, 0):
-                        self.violations.append(f"token of {k} went back to {n}")
-                    self.last[k] = int(n)
-                self.samples += 1
-                await asyncio.sleep(0.01)  # sampling rate of the audit
-        finally:
-            await redis.aclose()
-
-
-@contextlib.asynccontextmanager
-async def auditing(auditor: OwnershipAuditor) -> AsyncIterator[OwnershipAuditor]:
-    """Run ``auditor`` for the duration of the block, and stop it however the block ends."""
-    async with asyncio.TaskGroup() as tg:
-        tg.create_task(auditor.run())
-        try:
-            yield auditor
-        finally:
-            auditor.stop.set()
 
 
 @pytest.mark.busreg(partitions=8)

@@ -1,6 +1,12 @@
 -- Apply a batch of ingest events to one partition, atomically (invariants 1-5).
 --
--- KEYS[1]  partition key prefix "busreg:{<ns>.<p>}:" (one hash tag: one Cluster slot)
+-- KEYS     the partition's keys, all under one prefix "busreg:{<ns>.<p>}:" (one hash tag:
+--          one Cluster slot): state, rev, deadlines, tomb, tombdl, outbox, then s:<svc> of
+--          every service the batch names and of every other service the caller knows in
+--          the partition. Redis Cluster only guarantees declared keys (during a slot
+--          migration an undeclared one may already be elsewhere), so the script touches
+--          nothing else. Expiry or an announcement of every instance may need a service
+--          the caller did not name: see "Undeclared services" below.
 -- ARGV[1]  fencing token the caller holds; nothing is written unless it is current
 -- ARGV[2]  max lease-clock step (ms)   ARGV[3] tombstone TTL (ms)
 -- ARGV[4]  service exchange prefix     ARGV[5] number of events
@@ -10,6 +16,13 @@
 --   version ("%020d%016d" of incarnation, seq: compares as a string), ttl (ms), payload
 --   op U = register/heartbeat (payload: stored instance JSON, see s:<svc>)
 --   op D = deregister         op N = no state change (tick; payload: dead letter or "")
+--
+-- Undeclared services: the script writes nothing it cannot finish. Announcing every
+-- instance (after a failover or a rebuild, decided before anything is written) needs all
+-- live services: if one is undeclared, the script returns {'undeclared', services...} at
+-- once, and the caller calls again with them. Expiry needs the services of the due
+-- leases: if one is undeclared, this call expires nothing (a later one does) and names
+-- the missing services after the usual result, for the caller to call again at once.
 --
 -- Keys under the prefix:
 --   state      hash  fence, epoch, offset, last_ts, clock, counters, replid
@@ -37,7 +50,10 @@
 -- outage never expires a healthy instance (invariant 4). A larger jump means nobody could
 -- write to the partition (broker outage); instances need time to reconnect and heartbeat
 -- again, so expiry waits for `grace` ms of partition clock after such a gap.
-local p = KEYS[1]
+local st, revs, dls, tomb, tombdl, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local p = string.sub(st, 1, -6)  -- the prefix: KEYS[1] is p .. 'state'
+local declared = {}
+for i = 7, #KEYS do declared[KEYS[i]] = true end
 local token = ARGV[1]
 local max_step = tonumber(ARGV[2])
 local tomb_ms = tonumber(ARGV[3])
@@ -46,7 +62,6 @@ local n = tonumber(ARGV[5])
 local grace = tonumber(ARGV[6])
 local FIRST = 7  -- events start after this many ARGV slots
 
-local st = p .. 'state'
 local cur = redis.call('HMGET', st, 'fence', 'epoch', 'offset', 'last_ts', 'clock', 'grace_until',
   'rebuild', 'replid')
 if cur[1] ~= token then
@@ -57,25 +72,62 @@ local offset = tonumber(cur[3]) or -1
 local last_ts = tonumber(cur[4])
 local clock = tonumber(cur[5])
 local grace_until = tonumber(cur[6]) or 0
+local SEP = '\31'
+
+-- the service hash of `service`, or nil if the caller did not declare it
+local function skey(service)
+  local k = p .. 's:' .. service
+  if declared[k] then return k end
+  return nil
+end
+
+-- services named by `fields` (svc<US>id) that the caller did not declare
+local function undeclared(fields)
+  local missing, seen = {}, {}
+  for _, field in ipairs(fields) do
+    local service = string.sub(field, 1, string.find(field, SEP, 1, true) - 1)
+    if not seen[service] and not skey(service) then
+      seen[service] = true
+      missing[#missing + 1] = service
+    end
+  end
+  return missing
+end
+
+-- Decided before anything is written: does this call end a rebuild or follow a failover
+-- (both announce every live instance, so every live service must be declared)?
 local rebuild = cur[7]
+local rebuild_write = nil  -- what to store in state.rebuild, once we write
 if rebuild == 'pending' then
   local target = tonumber(ARGV[7])
   if target >= 0 and offset < target then
-    rebuild = target
-    redis.call('HSET', st, 'rebuild', target)
+    rebuild, rebuild_write = target, target
   else
-    rebuild = false
-    redis.call('HDEL', st, 'rebuild')
+    rebuild, rebuild_write = false, false
   end
 else
   rebuild = tonumber(rebuild)
 end
-
-local revs, dls = p .. 'rev', p .. 'deadlines'
-local tomb, tombdl, outbox = p .. 'tomb', p .. 'tombdl', p .. 'outbox'
-local SEP = '\31'
+local last_off = offset
+if n > 0 then last_off = math.max(offset, tonumber(ARGV[FIRST + (n - 1) * 8 + 1])) end
+local info = redis.pcall('INFO', 'replication')
+local replid = type(info) == 'string' and string.match(info, 'master_replid:(%w+)') or nil
+local failover = replid and cur[8] and cur[8] ~= replid
+if failover or (rebuild and last_off >= rebuild) then
+  local missing = undeclared(redis.call('ZRANGE', dls, 0, -1))
+  if #missing > 0 then
+    table.insert(missing, 1, 'undeclared')
+    return missing
+  end
+end
+if rebuild_write then
+  redis.call('HSET', st, 'rebuild', rebuild_write)
+elseif rebuild_write == false then
+  redis.call('HDEL', st, 'rebuild')
+end
 local VW = 36  -- version width: "%020d%016d" of (incarnation < 2^63, seq < 2^53)
 local applied, stale, replayed, changes, expired = 0, 0, 0, 0, 0
+local missing = {}  -- services of due leases the caller did not declare
 
 -- What subscribers see: the stored JSON with service and instance_id in front. Both match
 -- [A-Za-z0-9_.:@-]+ (models.py), so they need no JSON escaping.
@@ -100,7 +152,7 @@ end
 
 -- prev: the instance's stored entry (version .. JSON), or false if it has none
 local function remove(service, iid, field, ver, reason, prev)
-  if prev then redis.call('HDEL', p .. 's:' .. service, iid) end
+  if prev then redis.call('HDEL', skey(service), iid) end
   redis.call('ZREM', dls, field)
   forget(field, ver)
   if prev then
@@ -115,7 +167,7 @@ local function announce_all()
   for _, field in ipairs(live) do
     local cut = string.find(field, SEP, 1, true)
     local service, iid = string.sub(field, 1, cut - 1), string.sub(field, cut + 1)
-    local entry = redis.call('HGET', p .. 's:' .. service, iid)
+    local entry = redis.call('HGET', skey(service), iid)
     if entry then announce(service, 'added', full(service, iid, string.sub(entry, VW + 1)), nil) end
   end
 end
@@ -127,12 +179,10 @@ end
 -- whose revisions start again at 1 with the state as it is now, announced as after a
 -- rebuild: groups get the state the new epoch starts from, and views, seeing the epoch
 -- change, re-read their snapshot. A user without +info gets no replid (pcall): the check
--- is skipped, and the worker warns at start.
-local info = redis.pcall('INFO', 'replication')
-local replid = type(info) == 'string' and string.match(info, 'master_replid:(%w+)') or nil
+-- is skipped, and the worker warns at start. (replid and failover: read above.)
 if replid and cur[8] ~= replid then
   redis.call('HSET', st, 'replid', replid)
-  if cur[8] then
+  if failover then
     epoch = 'r' .. string.sub(replid, 1, 11)
     redis.call('HSET', st, 'epoch', epoch)
     redis.call('DEL', revs)
@@ -164,8 +214,8 @@ for i = 0, n - 1 do
       local service, iid, ver = ARGV[b + 4], ARGV[b + 5], ARGV[b + 6]
       local ttl, inst = tonumber(ARGV[b + 7]), ARGV[b + 8]
       local field = service .. SEP .. iid
-      local skey = p .. 's:' .. service
-      local prev = redis.call('HGET', skey, iid)
+      local sk = skey(service)
+      local prev = redis.call('HGET', sk, iid)
       local fresh
       if prev then
         fresh = ver > string.sub(prev, 1, VW)
@@ -182,7 +232,7 @@ for i = 0, n - 1 do
         redis.call('ZADD', dls, clock + ttl, field)
         -- the version changes with every event, so the entry is always rewritten; only a
         -- change of what subscribers see is announced
-        redis.call('HSET', skey, iid, ver .. inst)
+        redis.call('HSET', sk, iid, ver .. inst)
         if not prev then
           announce(service, 'added', full(service, iid, inst), nil)
         elseif string.sub(prev, VW + 1) ~= inst then
@@ -194,7 +244,7 @@ for i = 0, n - 1 do
     elseif op == 'D' then
       local service, iid, ver = ARGV[b + 4], ARGV[b + 5], ARGV[b + 6]
       local field = service .. SEP .. iid
-      local prev = redis.call('HGET', p .. 's:' .. service, iid)
+      local prev = redis.call('HGET', skey(service), iid)
       if prev and ver > string.sub(prev, 1, VW) then
         applied = applied + 1
         remove(service, iid, field, ver, 'deregistered', prev)
@@ -222,11 +272,13 @@ if clock ~= nil then
   local due = {}
   if clock >= grace_until then
     due = redis.call('ZRANGEBYSCORE', dls, '-inf', '(' .. clock, 'LIMIT', 0, 1000)
+    missing = undeclared(due)
+    if #missing > 0 then due = {} end  -- all or nothing, in deadline order: see the header
   end
   for _, field in ipairs(due) do
     local cut = string.find(field, SEP, 1, true)
     local service, iid = string.sub(field, 1, cut - 1), string.sub(field, cut + 1)
-    local prev = redis.call('HGET', p .. 's:' .. service, iid)
+    local prev = redis.call('HGET', skey(service), iid)
     remove(service, iid, field, prev and string.sub(prev, 1, VW) or '', 'expired', prev)
     expired = expired + 1
   end
@@ -248,4 +300,6 @@ if applied > 0 then redis.call('HINCRBY', st, 'applied', applied) end
 if stale > 0 then redis.call('HINCRBY', st, 'stale', stale) end
 if replayed > 0 then redis.call('HINCRBY', st, 'replayed', replayed) end
 if expired > 0 then redis.call('HINCRBY', st, 'expired', expired) end
-return {offset, changes, applied, stale, replayed, expired, redis.call('LLEN', outbox)}
+local out = {offset, changes, applied, stale, replayed, expired, redis.call('LLEN', outbox)}
+for _, service in ipairs(missing) do out[#out + 1] = service end
+return out

@@ -1,15 +1,15 @@
--- One service's instances and revision, read atomically. KEYS[1] prefix; ARGV[1] service
+-- One service's instances and revision, read atomically. KEYS[1] the partition's state
+-- hash, KEYS[2] its rev hash, KEYS[3] the service's hash s:<svc>; ARGV[1] service
 -- Entries are version (36 bytes) .. stored JSON (no service, instance_id: see apply.lua);
 -- subscribers get the full instance JSON. The 4th element is 1 while the partition has no
 -- state yet or is rebuilding it (apply.lua): what it holds then is not the registry's.
-local p = KEYS[1]
 local service = ARGV[1]
 local VW = 36  -- version width, as in apply.lua
-local st = redis.call('HMGET', p .. 'state', 'epoch', 'rebuild')
+local st = redis.call('HMGET', KEYS[1], 'epoch', 'rebuild')
 local epoch = st[1] or ''
 local rebuilding = (st[1] == false or st[2] ~= false) and 1 or 0
-local rev = redis.call('HGET', p .. 'rev', service) or '0'
-local all = redis.call('HGETALL', p .. 's:' .. service)
+local rev = redis.call('HGET', KEYS[2], service) or '0'
+local all = redis.call('HGETALL', KEYS[3])
 local out = {}
 for i = 1, #all, 2 do
   out[#out + 1] = '{"instance_id":"' .. all[i] .. '","service":"' .. service .. '",'

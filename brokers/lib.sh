@@ -1,0 +1,18 @@
+# Shared by the brokers/ scripts (sourced, not run).
+
+# stop_pids DIR: SIGTERM every process whose pid file is DIR/*/pid, all at once (a Redis
+# master stopped alone waits up to 10 s for its replica to catch up), SIGKILL what is
+# left after 5 s, then remove DIR.
+stop_pids() {
+    local pids pid live i
+    pids=$(cat "$1"/*/pid 2>/dev/null || true)
+    for pid in $pids; do kill -TERM "$pid" 2>/dev/null || true; done
+    for ((i = 0; i < 50; i++)); do
+        live=0
+        for pid in $pids; do kill -0 "$pid" 2>/dev/null && live=1; done
+        [ "$live" = 0 ] && break
+        sleep 0.1
+    done
+    for pid in $pids; do kill -KILL "$pid" 2>/dev/null || true; done
+    rm -rf "$1"
+}
