@@ -148,6 +148,10 @@ DEFAULT_MAX_CLOCK_STEP = 1.0
 #: machine. A dead instance is detected this much later after an outage, never earlier.
 DEFAULT_OUTAGE_GRACE = 10.0
 
+#: One attempt to write an outage mark (server/ticker.py). Longer than a tick's: the mark
+#: goes to a stream that has just lost its leader, and it is retried until confirmed.
+OUTAGE_MARK_TIMEOUT = 1.0
+
 #: Where a worker starts reading a partition that has no committed offset (fresh or lost
 #: Redis): this far back in the stream. Heartbeats carry the whole registration, so one TTL
 #: of history rebuilds every live instance; two leave room for the longest allowed TTL.

@@ -31,9 +31,11 @@ from typing import Any
 
 from busreg.settings import Settings
 
-__all__ = ["SCENARIOS", "main"]
+__all__ = ["EXTRA_SCENARIOS", "SCENARIOS", "main"]
 
 SCENARIOS = ("baselines", "ingestion", "drain", "latency", "crash", "takeover")
+#: run only when asked for (they need a second broker): ``--scenarios replication``
+EXTRA_SCENARIOS = ("replication",)
 #: sections computed from another scenario's run
 ALIASES = {"footprint": "ingestion", "growth": "ingestion"}
 
@@ -49,13 +51,24 @@ def _parser() -> argparse.ArgumentParser:
         "--scenarios",
         default=",".join(SCENARIOS),
         help=f"comma-separated subset of {','.join(SCENARIOS + tuple(ALIASES))} "
-        "(baselines always run)",
+        f"(baselines always run), or {','.join(EXTRA_SCENARIOS)}",
     )
     p.add_argument("--plot", metavar="DIR", help="write PNG plots there (needs matplotlib)")
     p.add_argument(
         "--profile",
         metavar="DIR",
         help="py-spy the worker during the largest ingestion step (needs py-spy)",
+    )
+    p.add_argument(
+        "--replicated-amqp-url",
+        metavar="URLS",
+        help="the nodes of a replicated RabbitMQ cluster, comma-separated (for the "
+        "replication scenario: the same figures there beside the configured broker)",
+    )
+    p.add_argument(
+        "--replicated-stream-url",
+        metavar="URLS",
+        help="its stream listeners (default: each AMQP host on 5552)",
     )
     p.add_argument("--save", metavar="FILE", help="also write the results as JSON there")
     p.add_argument("--samples", metavar="FILE", help="also write raw latency samples (JSON)")
@@ -167,6 +180,17 @@ async def run_bench(
         if "takeover" in selected:
             progress("worker takeover")
             results["takeover"] = await run_takeover(settings, procs, cfg)
+        if "replication" in selected:
+            from busreg.bench.replication import run_replication
+
+            replicated = settings.model_copy(
+                update={
+                    "amqp_url": args.replicated_amqp_url,
+                    "stream_url": args.replicated_stream_url,
+                    "stream_replicas": None,  # min(3, nodes), as topology apply would
+                }
+            )
+            results["replication"] = await run_replication(settings, replicated, procs, cfg)
     finally:
         results["subprocess_crashes"] = procs.crashes()
         procs.close()
@@ -184,10 +208,12 @@ def main(argv: list[str], settings: Settings) -> int:
     for name in (s.strip() for s in args.scenarios.split(",") if s.strip()):
         if name in ALIASES:
             selected.add(ALIASES[name])
-        elif name in SCENARIOS:
+        elif name in SCENARIOS + EXTRA_SCENARIOS:
             selected.add(name)
         else:
             _parser().error(f"unknown scenario {name!r}")
+    if "replication" in selected and not args.replicated_amqp_url:
+        _parser().error("the replication scenario needs --replicated-amqp-url")
     try:
         results, samples = asyncio.run(run_bench(settings, selected, args))
     except (KeyboardInterrupt, asyncio.CancelledError):

@@ -55,6 +55,16 @@ def _heartbeat(i: int, seq: int, services: int = 100) -> bytes:
     return before + b"%d" % seq + after
 
 
+def raw_stream_arguments(settings: Settings, max_bytes: int) -> dict[str, Any]:
+    """A raw baseline stream replicated as busreg's ingest partitions are (topology.py)."""
+    args: dict[str, Any] = {"max-length-bytes": max_bytes}
+    replicas = settings.stream_replica_count()
+    if replicas > 1:
+        args["initial-cluster-size"] = replicas
+        args["queue-leader-locator"] = "balanced"
+    return args
+
+
 async def stream_rates(settings: Settings, count: int) -> dict[str, Any]:
     from rstream import ConsumerOffsetSpecification, OffsetType
 
@@ -63,7 +73,7 @@ async def stream_rates(settings: Settings, count: int) -> dict[str, Any]:
     producer = await stream_producer(settings, "busreg-bench-raw")
     try:
         await producer.create_stream(
-            stream, arguments={"max-length-bytes": 1 << 30}, exists_ok=True
+            stream, arguments=raw_stream_arguments(settings, 1 << 30), exists_ok=True
         )
         publish = await blast(producer, stream, body, count)
         consumer = await stream_consumer(settings, "busreg-bench-raw")
@@ -247,7 +257,7 @@ async def floor_latency(
     relay = None
     try:
         await producer.create_stream(
-            stream, arguments={"max-length-bytes": 1 << 28}, exists_ok=True
+            stream, arguments=raw_stream_arguments(settings, 1 << 28), exists_ok=True
         )
         channel = await conn.channel()
         ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC)

@@ -159,12 +159,11 @@ def server_pids(settings: Settings) -> dict[str, list[int]]:
     """The broker and Redis processes serving ``settings`` (by listening port)."""
     from urllib.parse import urlsplit
 
-    stream_port = settings.stream_endpoint().port
     redis_port = urlsplit(settings.redis_url).port or 6379
-    return {
-        "broker": listener_pids(stream_port, "beam.smp"),
-        "redis": listener_pids(redis_port, "redis-server"),
-    }
+    broker: list[int] = []
+    for endpoint in settings.stream_endpoints():  # every node of a cluster
+        broker += [p for p in listener_pids(endpoint.port, "beam.smp") if p not in broker]
+    return {"broker": broker, "redis": listener_pids(redis_port, "redis-server")}
 
 
 def stream_dir_bytes(namespace: str) -> int | None:

@@ -332,6 +332,9 @@ def render(res: dict[str, Any]) -> str:
                 rows,
             )
         )
+    rp = res.get("replication")
+    if rp:
+        parts.append(_replication(rp))
     crashes = res.get("subprocess_crashes")
     if crashes:
         lines = ["Subprocesses that exited on their own (a crash invalidates their figures):"]
@@ -354,6 +357,42 @@ def render(res: dict[str, Any]) -> str:
             table("Targets (DESIGN.md §4, issue 6)", ["figure", "target", "measured", ""], rows)
         )
     return "\n".join(parts)
+
+
+def _replication(rp: dict[str, Any]) -> str:
+    one, many, r = rp["single"], rp["replicated"], rp["ratios"]
+
+    def row(name: str, a: Any, b: Any, ratio: float | None, digits: int = 0) -> list[str]:
+        return [name, fmt_num(a, digits), fmt_num(b, digits), fmt_ratio(ratio) if ratio else "-"]
+
+    rows = [
+        row("raw stream publish /s", one["stream_publish_per_s"], many["stream_publish_per_s"],
+            r["raw_stream_publish"]),
+        row("raw stream consume /s", one["stream_consume_per_s"], many["stream_consume_per_s"],
+            r["raw_stream_consume"]),
+        row("3-hop floor p50 ms", one["floor_ms"].get("p50"), many["floor_ms"].get("p50"),
+            r["floor_p50"], 2),
+        row(f"busreg heartbeats applied /s ({one['ingestion']['instances']:,} instances)",
+            one["ingestion"]["applied_per_s"], many["ingestion"]["applied_per_s"],
+            r["ingestion_applied"]),
+        *(
+            row(f"{what} CPU µs / heartbeat", one["ingestion"][f"{part}_us_per_heartbeat"],
+                many["ingestion"][f"{part}_us_per_heartbeat"], r[f"{part}_us_per_heartbeat"], 1)
+            for part, what in (("broker", "broker (all nodes)"), ("worker", "worker"),
+                               ("redis", "Redis"))
+        ),
+        row("apply lag p99 ms", one["ingestion"]["apply_lag_ms"].get("p99"),
+            many["ingestion"]["apply_lag_ms"].get("p99"), None, 1),
+        row("register -> watcher p50 ms", one["register_view_ms"].get("p50"),
+            many["register_view_ms"].get("p50"), r["register_view_p50"], 2),
+        row("register -> watcher p99 ms", one["register_view_ms"].get("p99"),
+            many["register_view_ms"].get("p99"), r["register_view_p99"], 2),
+    ]
+    title = (
+        f"8. Replication: {one['nodes']} node(s), {one['stream_replicas']} stream copy beside"
+        f" {many['nodes']} nodes, {many['stream_replicas']} copies per stream"
+    )
+    return table(title, ["figure", "single", "replicated", "replicated / single"], rows)
 
 
 if __name__ == "__main__":

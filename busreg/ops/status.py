@@ -45,6 +45,11 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
                     "applied": int(state.get("applied", 0)),
                     "expired": int(state.get("expired", 0)),
                     "replayed": int(state.get("replayed", 0)),
+                    # expiry is held while the partition clock is before grace_until (an
+                    # ingest outage, or an outage mark: see apply.lua)
+                    "grace_left_ms": _grace_left(state),
+                    "outage_marks": int(state.get("outage_marks", 0)),
+                    "failovers": int(state.get("failovers", 0)),
                 }
             )
         heads = await stream_heads(settings)
@@ -86,4 +91,17 @@ def render_status(report: dict[str, Any]) -> str:
     widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=False)]
     lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
     lines += ["  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)) for r in rows]
+    held = [p for p in report["partitions"] if p.get("grace_left_ms")]
+    if held:
+        lines.append(
+            "expiry held (outage grace): "
+            + ", ".join(f"P{p['partition']} {p['grace_left_ms'] / 1000:.1f}s" for p in held)
+        )
     return "\n".join(lines)
+
+
+def _grace_left(state: dict[str, str]) -> int:
+    clock, until = state.get("clock"), state.get("grace_until")
+    if not clock or not until:
+        return 0
+    return max(0, int(float(until)) - int(float(clock)))

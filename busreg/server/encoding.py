@@ -75,7 +75,13 @@ class BatchEncoder:
                 decoded = decode_ingest(body)
                 event = decoded.event
                 if isinstance(event, Tick):
-                    args += (offset, ts, "N", "", "", "", 0, "")
+                    if event.outage and self._authorizer is not None:
+                        refusal = self._authorizer.check_worker(
+                            decoded.payload, decoded.signature
+                        )
+                        if refusal is not None:
+                            raise InvalidEvent(UNAUTHORISED, refusal)
+                    args += (offset, ts, "G" if event.outage else "N", "", "", "", 0, "")
                     continue
                 k = cache.get(event.service)
                 if k is None:

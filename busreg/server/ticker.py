@@ -15,13 +15,25 @@ joined can be the only one left a moment later.
 
 A tick changes no state, so it needs no lease: the owner applies it like any tick (it only
 moves the watermark), and a tick a second worker writes twice is harmless.
+
+Outage marks (``OutageMarks``): the watermark assumes that whoever can write to a stream,
+everyone can. A stream whose leader moves breaks that for a while: writers find the new
+leader one by one, and a worker's ticks (ten a second, retried at once) get there before
+registrants' heartbeats (one a second, a failed one retried a quarter interval later).
+Measured on the 3-node cluster, a rolling restart kept heartbeats of some streams out for
+2.5-3.5 s while ticks moved the clock, and 22-82 instances expired in 3 of 7 runs. So a
+worker that loses its way to a stream (its publisher's connection closed or went silent, its
+subscription got a metadata update) writes an outage mark into it, and the owner opens the
+outage grace there (apply.lua): a crash close to a leader move is detected up to
+``outage_grace`` later, and no healthy instance expires while writers re-locate the stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Collection
+import time
+from collections.abc import Callable, Collection, Iterable
 
 import orjson
 
@@ -30,9 +42,11 @@ from busreg.backoff import RetryLog
 from busreg.errors import BusregError
 from busreg.settings import Settings
 from busreg.transport.streams import StreamWriter
+from busreg.wire.auth import sign, worker_key
+from busreg.wire.codec import encode_event
 from busreg.wire.models import Tick
 
-__all__ = ["StandbyTicker"]
+__all__ = ["OutageMarks", "StandbyTicker"]
 
 log = logging.getLogger("busreg.worker")
 
@@ -85,5 +99,77 @@ class StandbyTicker:
                 raise error  # a bug, or a cancellation: never swallowed
         if errors:
             self._failures.failed(errors[0])  # a streak is logged once
+        else:
+            self._failures.recovered()
+
+
+class OutageMarks:
+    """Writes an outage mark into each stream ``note`` is told of, until one is confirmed.
+
+    One mark per disruption: notes for a stream marked less than half a grace ago are
+    dropped (one leader move closes connections, silences sends and updates metadata, all
+    at once). A mark that cannot be written for a whole ``outage_grace`` is given up: the
+    stream took nothing meanwhile, and the gap in its clock opens the grace by itself."""
+
+    def __init__(self, settings: Settings, writer: StreamWriter, worker_id: str) -> None:
+        self._settings = settings
+        self._writer = writer
+        body = encode_event(Tick(worker=worker_id, outage=True))
+        secret = settings.auth.secret_bytes()
+        self._mark = body if secret is None else sign(worker_key(secret), body)
+        self._pending: dict[str, float] = {}  # stream -> when first noted (monotonic)
+        self._marked: dict[str, float] = {}  # stream -> when a mark was last confirmed
+        self._wake = asyncio.Event()
+        self._failures = RetryLog(log, f"outage marks of {worker_id}")
+        #: marks confirmed by the broker (worker metrics and tests)
+        self.written = 0
+
+    def note(self, streams: Iterable[str]) -> None:
+        """Mark ``streams`` soon (cheap, never blocks: called from rstream callbacks)."""
+        now = time.monotonic()
+        recent = self._settings.worker.outage_grace / 2
+        for stream in streams:
+            if stream in self._pending or now - self._marked.get(stream, -recent) < recent:
+                continue
+            self._pending[stream] = now
+            log.info("lost the way to %s: marking an outage there (expiry waits)", stream)
+            self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Write pending marks until ``stop`` is set; retried at the standby tick rate."""
+        retry = self._settings.worker.standby_tick_interval
+        while not stop.is_set():
+            # woken by note() at once; otherwise a periodic timer, to see stop and to retry
+            # marks that failed
+            try:
+                async with asyncio.timeout(retry):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if self._pending and not stop.is_set():
+                await self._write_pending()
+
+    async def _write_pending(self) -> None:
+        streams = list(self._pending)
+        results = await asyncio.gather(
+            *(self._writer.send(s, self._mark, timeout=c.OUTAGE_MARK_TIMEOUT) for s in streams),
+            return_exceptions=True,
+        )
+        now = time.monotonic()
+        failed: BaseException | None = None
+        for stream, result in zip(streams, results, strict=True):
+            if result is None:
+                del self._pending[stream]
+                self._marked[stream] = now
+                self.written += 1
+            elif not isinstance(result, BusregError):
+                raise result  # a bug, or a cancellation: never swallowed
+            else:
+                failed = result
+                if now - self._pending[stream] > self._settings.worker.outage_grace:
+                    del self._pending[stream]  # the stream's own clock gap opens the grace
+        if failed is not None:
+            self._failures.failed(failed)
         else:
             self._failures.recovered()

@@ -39,7 +39,7 @@ from busreg.server.rpc_server import RpcServer
 from busreg.server.runner import PartitionRunner
 from busreg.server.stats import PartitionStats, WorkerStatus
 from busreg.server.store import PartitionStore
-from busreg.server.ticker import StandbyTicker
+from busreg.server.ticker import OutageMarks, StandbyTicker
 from busreg.settings import Settings
 from busreg.tasks import cancel_until_done, close_quietly
 from busreg.transport.connections import (
@@ -92,6 +92,7 @@ class Worker:
         self.metrics: WorkerMetrics | None = None
         self._rpc: RpcServer | None = None
         self._standby: StandbyTicker | None = None
+        self._marks: OutageMarks | None = None
         self._ownership = asyncio.Condition()
         # partition -> (monotonic time before which we do not retry it, failures so far)
         self._backoff: dict[int, tuple[float, int]] = {}
@@ -132,7 +133,12 @@ class Worker:
             # fail at start, with one clear error, if the stream port is unreachable
             probe = await stream_consumer(self.settings, "busreg-worker-probe")
             await close_quietly(probe.close, "stream probe")
-            self._ticks = StreamWriter(self.settings, f"busreg-ticks-{self.worker_id}")
+            self._ticks = StreamWriter(
+                self.settings,
+                f"busreg-ticks-{self.worker_id}",
+                on_disrupted=self._note_disrupted,
+            )
+            self._marks = OutageMarks(self.settings, self._ticks, self.worker_id)
             self._standby = StandbyTicker(
                 self.settings,
                 self._ticks,
@@ -175,6 +181,10 @@ class Worker:
         if redis is not None:
             await close_quietly(redis.aclose, "worker Redis connection")
 
+    def _note_disrupted(self, streams: list[str]) -> None:
+        if self._marks is not None:
+            self._marks.note(streams)
+
     async def _on_stream_closed(self, info: Any) -> None:
         # rstream does not resubscribe by itself (and must not: it would resume from its own
         # position). Fail the affected runners; the control loop takes the partitions again
@@ -184,6 +194,8 @@ class Worker:
         for owned in list(self._owned.values()):
             if not streams or owned.runner.stream in streams:
                 owned.runner.fail(ConnectionFailed(f"stream connection lost: {reason}"))
+        # our partitions' streams moved or lost a node: so did their writers' way there
+        self._note_disrupted(sorted(streams or {o.runner.stream for o in self._owned.values()}))
         log.warning("stream connection lost worker=%s streams=%s", self.worker_id, sorted(streams))
 
     def stop(self) -> None:
@@ -257,6 +269,7 @@ class Worker:
     async def _serve(self) -> None:
         assert self._rpc is not None
         assert self._standby is not None
+        assert self._marks is not None
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             rpc = tg.create_task(self._rpc.serve(), name="rpc")
@@ -267,6 +280,7 @@ class Worker:
             await self._standby.tick_once(timeout=c.WORKER_BROKER_TIMEOUT)
             # stops with phase 1: a leaving worker's ticks would only add noise
             tg.create_task(self._standby.run(self._stopping), name="standby-ticks")
+            tg.create_task(self._marks.run(self._stopping), name="outage-marks")
             assert self.store is not None
             self._membership = Membership(self.settings, self.store, self.worker_id, self._owned)
             membership = tg.create_task(self._membership.run(), name="membership")

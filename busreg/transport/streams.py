@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from busreg import constants as c
@@ -50,9 +50,17 @@ class StreamWriter:
     without being cancelled by any one sender's (short) timeout.
     """
 
-    def __init__(self, settings: Settings, name: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        name: str,
+        on_disrupted: Callable[[list[str]], None] | None = None,
+    ) -> None:
         self._settings = settings
         self._name = name
+        #: told the streams this writer lost its way to: rstream reported their connection
+        #: closed (node gone, or a leader moved), or a send to one went unconfirmed
+        self._on_disrupted = on_disrupted
         self._producer: Any = None
         self._lock = asyncio.Lock()
         self._closed = False
@@ -82,6 +90,7 @@ class StreamWriter:
                     if made:
                         self._broken = made[0]
                         log.debug("stream writer %s: connection closed (%s)", self._name, info)
+                        self._disrupted(list(getattr(info, "streams", None) or []))
 
                 self._producer = await stream_producer(
                     self._settings, self._name, timeout=WARM_UP_TIMEOUT, on_close=on_close
@@ -89,6 +98,10 @@ class StreamWriter:
                 made.append(self._producer)
                 self._ready = set()
             return self._producer
+
+    def _disrupted(self, streams: list[str]) -> None:
+        if self._on_disrupted is not None and streams:
+            self._on_disrupted(streams)
 
     async def _discard(self, producer: Any) -> None:
         async with self._lock:
@@ -155,9 +168,11 @@ class StreamWriter:
                 self._silent[stream] = silent
                 if silent >= SILENT_LIMIT:
                     self._silent.clear()
+                    self._disrupted([stream])
                     await self._discard(producer)
                 raise
             except BusregError:
+                self._disrupted([stream])
                 await self._discard(producer)
                 raise
         except TimeoutError as exc:

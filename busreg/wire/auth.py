@@ -33,6 +33,7 @@ __all__ = [
     "service_key",
     "sign",
     "split_signed",
+    "worker_key",
 ]
 
 #: Length of the hex signature before the "." of a signed event.
@@ -44,6 +45,16 @@ _HEX = frozenset(b"0123456789abcdef")
 def service_key(secret: bytes, service: str) -> bytes:
     """The signing key of ``service``, derived from the workers' secret."""
     return hmac.new(secret, _KEY_CONTEXT + service.encode(), hashlib.sha256).digest()
+
+
+#: What the workers' own key is derived for: not a service name (those cannot start with
+#: "~"), so no service key a registrant holds can sign as a worker.
+_WORKERS = "~workers"
+
+
+def worker_key(secret: bytes) -> bytes:
+    """The key workers sign their outage marks with (a Tick with ``outage``)."""
+    return service_key(secret, _WORKERS)
 
 
 def sign(key: bytes, payload: bytes) -> bytes:
@@ -87,6 +98,15 @@ class Authorizer:
         if user_id is not None and self.accept_unsigned_amqp:
             return None
         return "unsigned event (sign it with the service key, or publish over AMQP as an owner)"
+
+    def check_worker(self, payload: bytes, signature: bytes | None) -> str | None:
+        """None if a worker signed ``payload`` (an outage mark), else the reason."""
+        if signature is None or self.secret is None:
+            return "unsigned outage mark (only workers, with the auth secret, may write one)"
+        expected = hmac.new(worker_key(self.secret), payload, hashlib.sha256)
+        if not hmac.compare_digest(expected.hexdigest().encode(), signature):
+            return "bad signature on an outage mark"
+        return None
 
     def may_act(self, identity: str, service: str) -> bool:
         patterns = self.owners.get(identity)

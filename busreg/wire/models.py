@@ -169,13 +169,19 @@ class Deregister(BaseModel):
 
 
 class Tick(BaseModel):
-    """Written by a partition's owner into a quiet partition: the watermark (invariant 4)."""
+    """Written by workers into every partition: the watermark (invariant 4).
+
+    ``outage=True`` is an *outage mark*: the worker lost its way to this stream (its leader
+    moved, or the node its publisher was on went away), so every writer has to find the
+    stream again, and the owner opens the outage grace (apply.lua). With auth enforced, a
+    mark counts only if signed with the workers' key (``auth.worker_key``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     v: Version = 1
     type: Literal["tick"] = "tick"
     worker: str = Field(max_length=128)
+    outage: bool = False
 
 
 IngestEvent = Annotated[Register | Heartbeat | Deregister | Tick, Field(discriminator="type")]

@@ -90,6 +90,11 @@ def tick(off: int, ts: int) -> Event:
     return (off, ts, "N", "", "", "", 0, "")
 
 
+def mark(off: int, ts: int) -> Event:
+    """Outage mark ('G'): a tick from a worker that lost its way to the stream."""
+    return (off, ts, "G", "", "", "", 0, "")
+
+
 # --- one partition, read back ---------------------------------------------------------------
 
 
@@ -213,6 +218,28 @@ ROWS: dict[str, Row] = {
             S(tick(9, T + 606_000), tick(10, T + 607_000), note="b's deadline reached, not passed",
               clock=T + 8_000, grace_until=T + 6_000, result={"expired": 0}, live={"b"}),
             S(tick(11, T + 607_001), result={"expired": 1}, live=set(), revision=4),
+        ],
+    ),
+    "outage-mark": Row(
+        "4 no false expiry: an outage mark (a worker lost its way to the stream: its leader "
+        "moved) opens the grace from the clock where it lands, with no gap in the clock: "
+        "writers that have not found the new leader yet keep their instances; marks never "
+        "shorten a grace, and expiry resumes once the grace is over",
+        [
+            S(up(0, T, "a"), up(1, T, "b"), live={"a", "b"}),  # deadlines T + 3000
+            S(tick(2, T + 500), mark(3, T + 600), note="the leader moved at T + 600",
+              clock=T + 600, grace_until=T + 600 + GRACE_MS, counters={"outage_marks": 1}),
+            S(mark(4, T + 700), note="a second worker's mark: the later grace wins",
+              grace_until=T + 700 + GRACE_MS, counters={"outage_marks": 2}),
+            S(*(tick(5 + k, T + 700 + 1_000 * (k + 1)) for k in range(4)),
+              note="ticks go on, max_step apart: no gap, a's deadline passes in the grace",
+              clock=T + 4_700, grace_until=T + 5_700, result={"expired": 0}, live={"a", "b"}),
+            S(up(9, T + 5_100, "b", seq=2), note="b found the new leader: deadline T + 8100",
+              result={"expired": 0, "applied": 1}, live={"a", "b"}),
+            S(tick(10, T + 5_699), note="grace_until - 1",
+              clock=T + 5_699, result={"expired": 0}, live={"a", "b"}),
+            S(tick(11, T + 5_701), note="grace over: a (silent since T) expires",
+              result={"expired": 1}, live={"b"}),
         ],
     ),
     "clock-backwards": Row(

@@ -58,3 +58,36 @@ async def test_a_silent_stream_replaces_the_connection_despite_other_streams(
         assert FakeProducer.made == 2, "the silent stream's connection was never replaced"
     finally:
         await writer.close()
+
+
+async def test_the_writer_tells_which_streams_it_lost_its_way_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A silent stream and a connection rstream reports closed are both reported to
+    ``on_disrupted`` (the worker writes outage marks there); confirmed sends are not."""
+    closers: list[Any] = []
+
+    async def fake_producer(
+        settings: Settings, name: str, timeout: float = 10.0, on_close: Any = None
+    ) -> Any:
+        closers.append(on_close)
+        return FakeProducer({"quiet"})
+
+    class Info:
+        reason = "Metadata Update"
+        streams = ["moved"]
+
+    monkeypatch.setattr(streams, "stream_producer", fake_producer)
+    told: list[list[str]] = []
+    writer = StreamWriter(Settings(), "test", on_disrupted=told.append)
+    try:
+        await writer.send("busy", b"x", timeout=0.05)
+        assert told == []
+        with pytest.raises(PublishFailed):
+            await writer.send("quiet", b"x", timeout=0.05)
+        assert told == [["quiet"]]
+        await writer.send("busy", b"x", timeout=0.05)  # on a new connection
+        await closers[-1](Info())
+        assert told == [["quiet"], ["moved"]]
+    finally:
+        await writer.close()

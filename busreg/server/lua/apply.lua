@@ -16,6 +16,9 @@
 --   version ("%020d%016d" of incarnation, seq: compares as a string), ttl (ms), payload
 --   op U = register/heartbeat (payload: stored instance JSON, see s:<svc>)
 --   op D = deregister         op N = no state change (tick; payload: dead letter or "")
+--   op G = an outage mark (a tick from a worker that lost its way to the stream: its
+--          leader moved or its node went away): every writer must find the stream again,
+--          so expiry waits for `grace` ms of partition clock from here, as after a gap
 --
 -- Undeclared services: the script writes nothing it cannot finish. Announcing every
 -- instance (after a failover or a rebuild, decided before anything is written) needs all
@@ -128,6 +131,7 @@ end
 local VW = 36  -- version width: "%020d%016d" of (incarnation < 2^63, seq < 2^53)
 local applied, stale, replayed, changes, expired = 0, 0, 0, 0, 0
 local missing = {}  -- services of due leases the caller did not declare
+local marks = 0  -- outage marks applied
 
 -- What subscribers see: the stored JSON with service and instance_id in front. Both match
 -- [A-Za-z0-9_.:@-]+ (models.py), so they need no JSON escaping.
@@ -257,6 +261,9 @@ for i = 0, n - 1 do
           if (not t) or ver > t then forget(field, ver) end
         end
       end
+    elseif op == 'G' then
+      grace_until = math.max(grace_until, clock + grace)
+      marks = marks + 1
     else
       local dead = ARGV[b + 8]
       if dead ~= '' then
@@ -300,6 +307,7 @@ if applied > 0 then redis.call('HINCRBY', st, 'applied', applied) end
 if stale > 0 then redis.call('HINCRBY', st, 'stale', stale) end
 if replayed > 0 then redis.call('HINCRBY', st, 'replayed', replayed) end
 if expired > 0 then redis.call('HINCRBY', st, 'expired', expired) end
+if marks > 0 then redis.call('HINCRBY', st, 'outage_marks', marks) end
 local out = {offset, changes, applied, stale, replayed, expired, redis.call('LLEN', outbox)}
 for _, service in ipairs(missing) do out[#out + 1] = service end
 return out
