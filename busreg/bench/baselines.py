@@ -185,8 +185,32 @@ async def apply_lua_rate(settings: Settings, redis: Any, updates: int) -> dict[s
     for args in batches:
         await store.apply(lease, args, 1000, 1000, 300_000, **extra)
     rate = updates / (time.perf_counter() - t0)
+    out: dict[str, Any] = {
+        "apply_lua_heartbeats_per_s": rate,
+        "apply_lua_us_per_heartbeat": 1e6 / rate,
+    }
+    replicas = int((await redis.info("replication")).get("connected_slaves", 0))
+    if replicas:
+        # What "WAIT 1" before publishing deltas would cost (docs/operations.md, "No
+        # WAIT"): one small batch per call, as at 1,000 heartbeats/s, timed alone and
+        # followed by WAIT 1 (the replica acknowledging what the batch wrote).
+        plain: list[float] = []
+        waited: list[float] = []
+        for n in range(600):
+            args = batch_args(0)[: 8 * 10]
+            t = time.perf_counter()
+            await store.apply(lease, args, 10, 1000, 300_000, **extra)
+            if n % 2:
+                acked = await redis.execute_command("WAIT", 1, 1000)
+                if int(acked) < 1:
+                    continue  # the replica did not answer in time: not a latency sample
+                waited.append(time.perf_counter() - t)
+            else:
+                plain.append(time.perf_counter() - t)
+        out["apply_latency_ms"] = percentiles(plain, 1000.0)
+        out["apply_wait1_latency_ms"] = percentiles(waited, 1000.0)
     await store.release(lease)
-    return {"apply_lua_heartbeats_per_s": rate, "apply_lua_us_per_heartbeat": 1e6 / rate}
+    return out
 
 
 def decode_cost(count: int = 20_000) -> dict[str, Any]:

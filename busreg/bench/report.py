@@ -74,6 +74,20 @@ def render(res: dict[str, Any]) -> str:
                 f"{fmt_num(b['apply_lua_heartbeats_per_s'])} /s",
                 f"{b['apply_lua_us_per_heartbeat']:.1f} us of Redis each",
             ],
+            *(
+                [
+                    [
+                        "apply.lua, 10 heartbeats, + WAIT 1",
+                        f"p50 {b['apply_latency_ms']['p50']:.2f} -> "
+                        f"{b['apply_wait1_latency_ms']['p50']:.2f} / p99 "
+                        f"{b['apply_latency_ms']['p99']:.2f} -> "
+                        f"{b['apply_wait1_latency_ms']['p99']:.2f} ms",
+                        "a replica acknowledging each batch",
+                    ]
+                ]
+                if "apply_wait1_latency_ms" in b
+                else []
+            ),
             [
                 "AMQP publish, confirmed (aio-pika)",
                 f"{fmt_num(b['amqp_publish_confirmed_per_s'])} msg/s",
@@ -366,27 +380,66 @@ def _replication(rp: dict[str, Any]) -> str:
         return [name, fmt_num(a, digits), fmt_num(b, digits), fmt_ratio(ratio) if ratio else "-"]
 
     rows = [
-        row("raw stream publish /s", one["stream_publish_per_s"], many["stream_publish_per_s"],
-            r["raw_stream_publish"]),
-        row("raw stream consume /s", one["stream_consume_per_s"], many["stream_consume_per_s"],
-            r["raw_stream_consume"]),
-        row("3-hop floor p50 ms", one["floor_ms"].get("p50"), many["floor_ms"].get("p50"),
-            r["floor_p50"], 2),
-        row(f"busreg heartbeats applied /s ({one['ingestion']['instances']:,} instances)",
-            one["ingestion"]["applied_per_s"], many["ingestion"]["applied_per_s"],
-            r["ingestion_applied"]),
-        *(
-            row(f"{what} CPU µs / heartbeat", one["ingestion"][f"{part}_us_per_heartbeat"],
-                many["ingestion"][f"{part}_us_per_heartbeat"], r[f"{part}_us_per_heartbeat"], 1)
-            for part, what in (("broker", "broker (all nodes)"), ("worker", "worker"),
-                               ("redis", "Redis"))
+        row(
+            "raw stream publish /s",
+            one["stream_publish_per_s"],
+            many["stream_publish_per_s"],
+            r["raw_stream_publish"],
         ),
-        row("apply lag p99 ms", one["ingestion"]["apply_lag_ms"].get("p99"),
-            many["ingestion"]["apply_lag_ms"].get("p99"), None, 1),
-        row("register -> watcher p50 ms", one["register_view_ms"].get("p50"),
-            many["register_view_ms"].get("p50"), r["register_view_p50"], 2),
-        row("register -> watcher p99 ms", one["register_view_ms"].get("p99"),
-            many["register_view_ms"].get("p99"), r["register_view_p99"], 2),
+        row(
+            "raw stream consume /s",
+            one["stream_consume_per_s"],
+            many["stream_consume_per_s"],
+            r["raw_stream_consume"],
+        ),
+        row(
+            "3-hop floor p50 ms",
+            one["floor_ms"].get("p50"),
+            many["floor_ms"].get("p50"),
+            r["floor_p50"],
+            2,
+        ),
+        row(
+            f"busreg heartbeats applied /s ({one['ingestion']['instances']:,} instances)",
+            one["ingestion"]["applied_per_s"],
+            many["ingestion"]["applied_per_s"],
+            r["ingestion_applied"],
+        ),
+        *(
+            row(
+                f"{what} CPU µs / heartbeat",
+                one["ingestion"][f"{part}_us_per_heartbeat"],
+                many["ingestion"][f"{part}_us_per_heartbeat"],
+                r[f"{part}_us_per_heartbeat"],
+                1,
+            )
+            for part, what in (
+                ("broker", "broker (all nodes)"),
+                ("worker", "worker"),
+                ("redis", "Redis"),
+            )
+        ),
+        row(
+            "apply lag p99 ms",
+            one["ingestion"]["apply_lag_ms"].get("p99"),
+            many["ingestion"]["apply_lag_ms"].get("p99"),
+            None,
+            1,
+        ),
+        row(
+            "register -> watcher p50 ms",
+            one["register_view_ms"].get("p50"),
+            many["register_view_ms"].get("p50"),
+            r["register_view_p50"],
+            2,
+        ),
+        row(
+            "register -> watcher p99 ms",
+            one["register_view_ms"].get("p99"),
+            many["register_view_ms"].get("p99"),
+            r["register_view_p99"],
+            2,
+        ),
     ]
     title = (
         f"8. Replication: {one['nodes']} node(s), {one['stream_replicas']} stream copy beside"

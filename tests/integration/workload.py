@@ -18,7 +18,7 @@ from busreg import DeltaKind, Registry, Settings, Snapshot
 from busreg import constants as c
 from busreg.client.registration import Registration
 from busreg.client.view import ServiceView
-from busreg.errors import ConnectionFailed
+from busreg.errors import ConnectionFailed, PublishFailed
 from busreg.server.store import PartitionStore
 from busreg.tasks import cancel_until_done
 from busreg.transport.connections import connect_amqp, connect_redis
@@ -192,13 +192,28 @@ class Observers:
         assert gaps == 0, gaps
 
 
-async def register(fleet: Fleet, apps: Registry, service: str, iid: str) -> None:
-    """Register ``iid`` (confirmed) and count it alive and heartbeating."""
-    fleet.regs[iid] = await apps.register(
-        service, address=f"127.0.0.1:{20000 + len(fleet.regs) % 40000}", instance_id=iid
-    )
+async def register(
+    fleet: Fleet, apps: Registry, service: str, iid: str, *, patience: float = 0.0
+) -> int:
+    """Register ``iid`` (confirmed) and count it alive and heartbeating. With ``patience``,
+    a registration that fails (``PublishFailed`` after ``confirm_timeout``: its stream had
+    no leader that long) is made again, as an app would, until ``patience`` seconds have
+    passed; returns how many attempts failed."""
+    deadline = time.monotonic() + patience
+    failed = 0
+    while True:
+        try:
+            fleet.regs[iid] = await apps.register(
+                service, address=f"127.0.0.1:{20000 + len(fleet.regs) % 40000}", instance_id=iid
+            )
+            break
+        except PublishFailed:
+            failed += 1
+            if time.monotonic() > deadline:
+                raise
     fleet.alive[iid] = (service, time.monotonic())
     fleet.heartbeating.add(iid)
+    return failed
 
 
 async def end(fleet: Fleet, iid: str, *, crash: bool) -> None:
