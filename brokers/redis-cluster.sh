@@ -29,16 +29,6 @@ NODE_TIMEOUT=${BUSREG_CLUSTER_NODE_TIMEOUT_MS:-1000}
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 say() { echo "redis-cluster: $*" >&2; }
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-
-wait_port() { # wait_port PORT SECONDS
-    local i
-    for ((i = 0; i < $2 * 20; i++)); do
-        redis-cli -p "$1" ping >/dev/null 2>&1 && return 0
-        sleep 0.05
-    done
-    return 1
-}
 
 start_node() { # start_node PORT: an empty node (a node's files must not outlive it:
     # a replica writes the RDB it receives even with --save '', and would load it)
@@ -87,10 +77,7 @@ ready() { # state ok everywhere, 3 masters with slots, 3 replicas in sync
 cmd=${1:-}
 case "$cmd" in
 start)
-    command -v redis-server >/dev/null || {
-        say "redis-server is not installed"
-        exit 1
-    }
+    need redis-server
     mkdir -p "$STATE"
     if [ -f "$STATE/created" ] && ready 2>/dev/null; then
         say "already running: masters $(masters | paste -sd,)"

@@ -28,16 +28,6 @@ MASTER=busreg
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 say() { echo "redis-sentinel: $*" >&2; }
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-
-wait_port() { # wait_port PORT SECONDS
-    local i
-    for ((i = 0; i < $2 * 20; i++)); do
-        redis-cli -p "$1" ping >/dev/null 2>&1 && return 0
-        sleep 0.05
-    done
-    return 1
-}
 
 start_data() { # start_data PORT [replicaof-port]
     local port=$1 dir=$STATE/$1
@@ -100,10 +90,7 @@ ready() { # every sentinel sees the master, one replica and the other two sentin
 cmd=${1:-}
 case "$cmd" in
 start)
-    command -v redis-server >/dev/null || {
-        say "redis-server is not installed"
-        exit 1
-    }
+    need redis-server
     mkdir -p "$STATE"
     start_data "${DATA[0]}"
     start_data "${DATA[1]}" "${DATA[0]}"

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -32,7 +30,7 @@ from busreg.transport.connections import connect_redis
 from busreg.wire.codec import encode_stored
 from busreg.wire.models import Heartbeat, InstanceStatus
 
-from .workload import run_script
+from .workload import brokers_script, run_script
 
 pytestmark = pytest.mark.servers
 
@@ -45,19 +43,9 @@ US = b"\x1f"
 
 @pytest.fixture(scope="module")
 def cluster_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    env = {
-        **os.environ,
-        "BUSREG_BROKERS_STATE": str(tmp_path_factory.mktemp("brokers")),
-        "BUSREG_CLUSTER_PORTS": PORTS,
-    }
-    try:
-        run_script(SCRIPT, env, "start")
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        pytest.fail(f"{SCRIPT.name} start failed: {exc}")
-    try:
+    state = tmp_path_factory.mktemp("cluster")
+    with brokers_script(SCRIPT, state, BUSREG_CLUSTER_PORTS=PORTS) as env:
         yield env
-    finally:
-        subprocess.run(["bash", str(SCRIPT), "stop"], env=env, check=False, timeout=120)
 
 
 @pytest_asyncio.fixture

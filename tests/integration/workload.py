@@ -242,9 +242,10 @@ async def arun_script(script: Path, env: dict[str, str], *args: str) -> str:
 
 
 @contextlib.contextmanager
-def brokers_script(script: Path, tmp_path: Path) -> Iterator[dict[str, str]]:
-    """``script start`` with its state under ``tmp_path``; ``script stop`` at the end."""
-    env = {**os.environ, "BUSREG_BROKERS_STATE": str(tmp_path / "brokers")}
+def brokers_script(script: Path, tmp_path: Path, **extra: str) -> Iterator[dict[str, str]]:
+    """``script start`` with its state under ``tmp_path`` and ``extra`` environment
+    variables (ports); ``script stop`` at the end."""
+    env = {**os.environ, "BUSREG_BROKERS_STATE": str(tmp_path / "brokers"), **extra}
     try:
         run_script(script, env, "start")
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
