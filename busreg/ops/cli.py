@@ -88,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Service registry on RabbitMQ streams and Redis.",
         parents=[common],
     )
+    parser.add_argument("--version", action="version", version=f"busreg {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     w = sub.add_parser("worker", parents=[common], help="run a shard worker (foreground)")
@@ -425,6 +426,15 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any,
     "keys": _cmd_keys,
     "demo": _cmd_demo,
 }
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("busreg")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,12 +27,12 @@ LAYERS: list[set[str]] = [
     {"busreg.callers"},
     {"busreg.integrations"},
     {"busreg.ops"},
-    {"busreg.bench", "busreg.testing"},
+    {"busreg.bench", "busreg.testing", "busreg.pytest_plugin"},
     {"busreg.ops.cli", "busreg"},
     {"busreg.__main__"},
 ]
 #: Tools: no library package (wire .. integrations) may import them.
-TOOLS = {"busreg.ops", "busreg.bench", "busreg.testing"}
+TOOLS = {"busreg.ops", "busreg.bench", "busreg.testing", "busreg.pytest_plugin"}
 
 
 def _module_name(path: Path) -> str:
