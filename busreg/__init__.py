@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from busreg.callers.balancer import RoundRobin, ZoneAware
 from busreg.callers.retry import RetryBudget, RetryPolicy
+from busreg.client.checks import CommandCheck, HttpCheck, TcpCheck
 from busreg.client.registration import Registration
 from busreg.client.registry import Registry
 from busreg.client.revisions import Change
@@ -42,11 +43,13 @@ __all__ = [
     "Change",
     "ClientSettings",
     "ClosedError",
+    "CommandCheck",
     "ConfigurationError",
     "ConnectionFailed",
     "Delta",
     "DeltaKind",
     "Fenced",
+    "HttpCheck",
     "Instance",
     "InstanceStatus",
     "InvalidEvent",
@@ -62,6 +65,7 @@ __all__ = [
     "ServiceView",
     "Settings",
     "Snapshot",
+    "TcpCheck",
     "TopologyMissing",
     "Worker",
     "WorkerSettings",

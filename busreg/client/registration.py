@@ -8,6 +8,7 @@ Events go over the RabbitMQ stream protocol (rstream) to partition ``<ns>.ingest
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from urllib.parse import unquote, urlsplit
@@ -17,6 +18,7 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from busreg import constants as c
 from busreg.backoff import Backoff, RetryLog, retrying
+from busreg.client.checks import CHECK_METADATA_KEY, CheckGate, CheckResult, HealthCheck
 from busreg.errors import BusregError, PublishFailed
 from busreg.settings import Settings
 from busreg.tasks import close_quietly
@@ -173,8 +175,13 @@ class Registration:
         self.instance_id = instance_id
         self.address = address
         self.zone = zone
+        #: the status the instance asked for; ``status`` is what is published: the health
+        #: check's verdict while this is UP (see checks.py), else this
+        self.requested_status = status
         self.status = status
         self.metadata = dict(metadata)
+        #: the health check's verdict (None: no check)
+        self.check_status: InstanceStatus | None = None
         self.ttl = ttl
         self.interval = interval
         self.incarnation = time.time_ns()
@@ -212,10 +219,62 @@ class Registration:
     ) -> None:
         """Change status and/or metadata; returns once the broker confirmed the change."""
         if status is not None:
-            self.status = InstanceStatus(status)
+            self.requested_status = InstanceStatus(status)
         if metadata is not None:
+            reason = self.metadata.get(CHECK_METADATA_KEY)
             self.metadata = dict(metadata)
+            if reason is not None:
+                self.metadata[CHECK_METADATA_KEY] = reason
+        self._resolve_status()
         await self._register()
+
+    def _resolve_status(self) -> None:
+        up = self.requested_status is InstanceStatus.UP
+        self.status = self.check_status if up and self.check_status else self.requested_status
+
+    def start_checking(self) -> None:
+        """Before the first registration: STARTING until a check passes."""
+        self.check_status = InstanceStatus.STARTING
+        self.metadata[CHECK_METADATA_KEY] = "starting: no check has passed yet"
+        self._resolve_status()
+
+    async def check_loop(self, check: HealthCheck) -> None:
+        """Probe ``check`` now and every ``check.interval`` until deregistered; publish each
+        status change at once (a failed publish is carried by the next heartbeat, which
+        holds the whole registration)."""
+        gate = CheckGate(
+            check.failures, check.successes, self.check_status or InstanceStatus.STARTING
+        )
+        loop = asyncio.get_running_loop()
+        while not self._done.is_set():
+            started = loop.time()
+            try:
+                # the probes bound themselves; this bounds a probe that does not
+                async with asyncio.timeout(check.timeout + 1.0):
+                    result = await check.probe()
+            except TimeoutError:
+                result = CheckResult(False, f"timeout after {check.timeout}s")
+            change = gate.observe(result)
+            if change is not None and not self._done.is_set():
+                status, reason = change
+                log.info("%s/%s %s: %s", self.service, self.instance_id, status.value, reason)
+                self.check_status = status
+                self.metadata[CHECK_METADATA_KEY] = reason
+                self._resolve_status()
+                try:
+                    await self._register()
+                except PublishFailed as exc:
+                    log.warning(
+                        "%s/%s: status %s not confirmed (%s); the next heartbeat carries it",
+                        self.service,
+                        self.instance_id,
+                        status.value,
+                        exc,
+                    )
+            # a periodic timer, not synchronisation: the next check, or deregistration
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, started + check.interval - loop.time())):
+                    await self._done.wait()
 
     async def heartbeat_loop(self) -> None:
         """Heartbeat every ``interval`` until deregistered. A failed beat is tried again a

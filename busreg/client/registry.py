@@ -29,6 +29,7 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from pydantic import TypeAdapter, ValidationError
 
 from busreg.backoff import Backoff
+from busreg.client.checks import HealthCheck
 from busreg.client.groups import GroupMessage, consume_group
 from busreg.client.registration import AmqpWriter, IngestPublisher, Registration
 from busreg.client.rpc import RpcClient
@@ -189,8 +190,12 @@ class Registry:
         metadata: dict[str, str] | None = None,
         ttl: float | None = None,
         interval: float | None = None,
+        check: HealthCheck | None = None,
     ) -> Registration:
-        """Register an instance; returns once the broker confirmed it, then heartbeats."""
+        """Register an instance; returns once the broker confirmed it, then heartbeats.
+
+        With a ``check`` (``HttpCheck``, ``TcpCheck``, ``CommandCheck``) the instance is
+        STARTING until the check first passes, and DOWN while it fails (busreg.client.checks)."""
         self._check_open()
         cfg = self.settings.client
         ttl = cfg.ttl if ttl is None else ttl
@@ -225,7 +230,18 @@ class Registry:
             interval=interval,
             confirm_timeout=cfg.confirm_timeout,
         )
+        if check is not None:
+            reg.start_checking()
         await reg._register()
+        if check is not None:
+            self._spawn(
+                self._supervise(
+                    f"health check of {service}/{instance_id}",
+                    lambda: reg.check_loop(check),
+                    alive=lambda: reg.active,
+                ),
+                name=f"check-{instance_id}",
+            )
         reg._task = self._spawn(
             self._supervise(
                 f"heartbeats of {service}/{instance_id}",

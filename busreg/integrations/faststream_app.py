@@ -33,6 +33,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Self
 
+from busreg.client.checks import HealthCheck
 from busreg.client.registration import Registration
 from busreg.client.registry import Registry
 from busreg.errors import ClosedError
@@ -65,6 +66,7 @@ class AppInstance:
         metadata: dict[str, str] | None = None,
         status: InstanceStatus | str = InstanceStatus.UP,
         warm_up: Sequence[str] = (),
+        check: HealthCheck | None = None,
     ) -> None:
         self.settings = settings
         self.service = service
@@ -74,6 +76,7 @@ class AppInstance:
         self.metadata = dict(metadata or {})
         self.status = InstanceStatus(status)
         self.warm_up = list(warm_up)
+        self.check = check
         self._registry: Registry | None = None
         self._registration: Registration | None = None
         self._task: asyncio.Task[None] | None = None
@@ -125,6 +128,7 @@ class AppInstance:
                     zone=self.zone,
                     metadata=self.metadata,
                     status=self.status,
+                    check=self.check,
                 )
                 log.info(
                     "app instance registered service=%s instance=%s",
@@ -194,8 +198,10 @@ def register_app(
     metadata: dict[str, str] | None = None,
     status: InstanceStatus | str = InstanceStatus.UP,
     warm_up: Sequence[str] = (),
+    check: HealthCheck | None = None,
 ) -> AppInstance:
-    """Register ``app`` as an instance of ``service`` while it runs (see the module doc)."""
+    """Register ``app`` as an instance of ``service`` while it runs (see the module doc);
+    ``check``: a health check (busreg.client.checks), STARTING until it passes."""
     return AppInstance(
         settings,
         service,
@@ -205,4 +211,5 @@ def register_app(
         metadata=metadata,
         status=status,
         warm_up=warm_up,
+        check=check,
     ).install(app)

@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from busreg.client.checks import parse_check
 from busreg.client.registry import Registry
 from busreg.client.revisions import Change
 from busreg.errors import BusregError, ConfigurationError
@@ -109,6 +110,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--meta", action="append", default=[], metavar="K=V", help="metadata entry")
     r.add_argument("--ttl", type=float, help="lease TTL seconds (default 3)")
     r.add_argument("--interval", type=float, help="heartbeat interval seconds (default 1)")
+    r.add_argument("--check", metavar="URL", help="health check: http(s)://... or tcp://H:P")
+    r.add_argument("--check-cmd", metavar="COMMAND", help="health check: exit 0 is healthy")
+    r.add_argument("--check-interval", type=float, default=5.0, help="seconds (default 5)")
+    r.add_argument("--check-timeout", type=float, default=2.0, help="seconds (default 2)")
+    r.add_argument("--check-failures", type=int, default=2, help="failed checks before DOWN")
+    r.add_argument("--check-successes", type=int, default=1, help="passing checks before UP")
 
     ls = sub.add_parser("ls", parents=[common], help="list services, or one service's instances")
     ls.add_argument("service", nargs="?")
@@ -213,6 +220,14 @@ def _parse_meta(items: Sequence[str]) -> dict[str, str]:
 
 async def _cmd_register(args: argparse.Namespace, settings: Settings) -> int:
     meta = _parse_meta(args.meta)
+    check = parse_check(
+        args.check,
+        args.check_cmd,
+        interval=args.check_interval,
+        timeout=args.check_timeout,
+        failures=args.check_failures,
+        successes=args.check_successes,
+    )
     stop = asyncio.Event()
     async with Registry(settings, name=f"busreg-register {args.service}") as registry:
         reg = await registry.register(
@@ -224,6 +239,7 @@ async def _cmd_register(args: argparse.Namespace, settings: Settings) -> int:
             metadata=meta,
             ttl=args.ttl,
             interval=args.interval,
+            check=check,
         )
         print(
             f"registered {reg.service}/{reg.instance_id} at {reg.address} "
