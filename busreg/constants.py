@@ -157,6 +157,8 @@ OUTAGE_MARK_TIMEOUT = 1.0
 #: of history rebuilds every live instance; two leave room for the longest allowed TTL.
 DEFAULT_REPLAY_WINDOW = 120.0
 MAX_TTL = 60.0
+#: Longest heartbeat interval (seconds): a registration must renew well within its TTL.
+MAX_HEARTBEAT_INTERVAL = 30.0
 
 #: Remember a removed instance's (incarnation, sequence) this long, so a late duplicate of
 #: one of its old heartbeats cannot bring it back (no invented state).

@@ -10,26 +10,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import re
+import socket
 import time
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from pydantic import BaseModel, ValidationError
 
 from busreg import constants as c
 from busreg.backoff import Backoff, RetryLog, retrying
 from busreg.client.checks import CHECK_METADATA_KEY, CheckGate, CheckResult, HealthCheck
-from busreg.errors import BusregError, PublishFailed
+from busreg.errors import BusregError, ConfigurationError, PublishFailed
 from busreg.settings import Settings
 from busreg.tasks import close_quietly
 from busreg.transport.connections import connect_amqp, translate
 from busreg.transport.streams import StreamWriter
 from busreg.wire.auth import service_key, sign
 from busreg.wire.codec import encode_event
-from busreg.wire.models import Deregister, Heartbeat, InstanceStatus, Register
+from busreg.wire.models import (
+    Address,
+    Deregister,
+    Heartbeat,
+    InstanceStatus,
+    LeaseTiming,
+    Register,
+    ServiceName,
+    Zone,
+    validation_message,
+)
 from busreg.wire.routing import partition_for
 
-__all__ = ["AmqpWriter", "IngestPublisher", "Registration"]
+__all__ = ["AmqpWriter", "IngestPublisher", "Registration", "checked_registration"]
 
 #: One confirmed-publish attempt of a registration or deregistration; a confirm takes about
 #: a millisecond, so a second without one means the connection is not usable.
@@ -147,6 +161,58 @@ class IngestPublisher:
             retry_on=(PublishFailed,),
             deadline=deadline,
         )
+
+
+def checked_registration(
+    settings: Settings,
+    service: str,
+    *,
+    address: str,
+    instance_id: str | None,
+    zone: str,
+    status: InstanceStatus | str,
+    metadata: dict[str, str] | None,
+    ttl: float | None,
+    interval: float | None,
+) -> tuple[str, float, float]:
+    """``(instance id, ttl, interval)`` of a registration, or ConfigurationError with one
+    line saying what is wrong: the same checks for ``Registry.register`` and ``busreg
+    register``, made before anything connects. The fields a default instance id is built
+    from (the address) are checked first, so a bad address is not reported as a bad id."""
+    cfg = settings.client
+    ttl = cfg.ttl if ttl is None else ttl
+    interval = cfg.heartbeat_interval if interval is None else interval
+    try:
+        _Where(service=service, address=address, zone=zone)
+        LeaseTiming(ttl=ttl, interval=interval)
+        if instance_id is None:
+            # letters the id may not hold (IPv6 brackets) become '_'
+            raw = f"{socket.gethostname()}-{os.getpid()}-{address}"
+            instance_id = re.sub(r"[^A-Za-z0-9_.:@-]", "_", raw)[:128]
+        Register(
+            service=service,
+            instance_id=instance_id,
+            incarnation=0,
+            seq=0,
+            address=address,
+            zone=zone,
+            status=InstanceStatus(status),
+            metadata=metadata or {},
+            ttl=ttl,
+        )
+    except ValidationError as exc:
+        raise ConfigurationError(f"invalid registration: {validation_message(exc)}") from exc
+    except ValueError as exc:  # the status
+        raise ConfigurationError(f"invalid registration: {exc}") from exc
+    return instance_id, ttl, interval
+
+
+class _Where(BaseModel):
+    """The fields a default instance id is built from, checked on their own first."""
+
+    service: ServiceName
+    address: Address
+    zone: Zone
 
 
 class Registration:

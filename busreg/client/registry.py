@@ -20,8 +20,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Self
 
@@ -31,7 +29,12 @@ from pydantic import TypeAdapter, ValidationError
 from busreg.backoff import Backoff
 from busreg.client.checks import HealthCheck
 from busreg.client.groups import GroupMessage, consume_group
-from busreg.client.registration import AmqpWriter, IngestPublisher, Registration
+from busreg.client.registration import (
+    AmqpWriter,
+    IngestPublisher,
+    Registration,
+    checked_registration,
+)
 from busreg.client.rpc import RpcClient
 from busreg.client.view import ServiceView
 from busreg.errors import ClosedError, ConfigurationError
@@ -42,7 +45,6 @@ from busreg.transport.streams import StreamWriter
 from busreg.transport.topology import verify_partitions
 from busreg.wire.models import (
     InstanceStatus,
-    Register,
     ServiceName,
     Snapshot,
     validation_message,
@@ -197,26 +199,18 @@ class Registry:
         With a ``check`` (``HttpCheck``, ``TcpCheck``, ``CommandCheck``) the instance is
         STARTING until the check first passes, and DOWN while it fails (busreg.client.checks)."""
         self._check_open()
+        instance_id, ttl, interval = checked_registration(
+            self.settings,
+            service,
+            address=address,
+            instance_id=instance_id,
+            zone=zone,
+            status=status,
+            metadata=metadata,
+            ttl=ttl,
+            interval=interval,
+        )
         cfg = self.settings.client
-        ttl = cfg.ttl if ttl is None else ttl
-        interval = cfg.heartbeat_interval if interval is None else interval
-        if interval >= ttl:
-            raise ConfigurationError(f"heartbeat interval {interval}s must be below ttl {ttl}s")
-        instance_id = instance_id or f"{socket.gethostname()}-{os.getpid()}-{address}"
-        try:  # validate at the boundary: a clear error now, not a dead letter later
-            Register(
-                service=service,
-                instance_id=instance_id,
-                incarnation=0,
-                seq=0,
-                address=address,
-                zone=zone,
-                status=InstanceStatus(status),
-                metadata=metadata or {},
-                ttl=ttl,
-            )
-        except (ValidationError, ValueError) as exc:
-            raise ConfigurationError(f"invalid registration: {_first_error(exc)}") from exc
         publisher = await self._ingest()
         reg = Registration(
             publisher,

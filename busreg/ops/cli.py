@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 
 from busreg.client.checks import parse_check
+from busreg.client.registration import checked_registration
 from busreg.client.registry import Registry
 from busreg.client.revisions import Change
 from busreg.errors import BusregError, ConfigurationError
@@ -220,6 +221,18 @@ def _parse_meta(items: Sequence[str]) -> dict[str, str]:
 
 async def _cmd_register(args: argparse.Namespace, settings: Settings) -> int:
     meta = _parse_meta(args.meta)
+    # refused before anything connects (the same checks as Registry.register)
+    checked_registration(
+        settings,
+        args.service,
+        address=args.address,
+        instance_id=args.instance_id,
+        zone=args.zone,
+        status=args.status,
+        metadata=meta,
+        ttl=args.ttl,
+        interval=args.interval,
+    )
     check = parse_check(
         args.check,
         args.check_cmd,

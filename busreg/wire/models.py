@@ -32,6 +32,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from busreg import constants as c
@@ -44,6 +45,7 @@ __all__ = [
     "IngestEvent",
     "Instance",
     "InstanceStatus",
+    "LeaseTiming",
     "Register",
     "Snapshot",
     "SnapshotRequest",
@@ -52,18 +54,29 @@ __all__ = [
     "validation_message",
 ]
 
+#: What each name may hold, in words: the field descriptions, and what a refused name is
+#: told instead of the pattern (first_error).
+NAME_RULES = {
+    "service": "letters, digits, '.', '_', '-', starting with a letter or digit; "
+    "at most 100 characters",
+    "instance_id": "letters, digits, '.', '_', ':', '@', '-', starting with a letter or "
+    "digit; at most 128 characters",
+    "address": "host:port, IPv6 in brackets ([::1]:8080), port 1-65535",
+    "zone": "letters, digits, '.', '_', '-'; 1-64 characters",
+}
+
 ServiceName = Annotated[
     str,
     Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
-        description="Service name: letters, digits, '.', '_', '-'; at most 100 characters.",
+        description=f"Service name: {NAME_RULES['service']}.",
     ),
 ]
 InstanceId = Annotated[
     str,
     Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$",
-        description="Instance id, unique within its service.",
+        description=f"Instance id, unique within its service: {NAME_RULES['instance_id']}.",
     ),
 ]
 
@@ -78,12 +91,14 @@ Address = Annotated[
     str,
     Field(
         pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]{1,253}):[0-9]{1,5}$",
-        description="host:port (IPv6 in brackets), port 1-65535.",
+        description=f"{NAME_RULES['address']}.",
     ),
     AfterValidator(_check_port),
 ]
 Zone = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
-Ttl = Annotated[float, Field(gt=0, le=c.MAX_TTL, description="Lease TTL in seconds.")]
+Ttl = Annotated[
+    float, Field(gt=0, le=c.MAX_TTL, allow_inf_nan=False, description="Lease TTL in seconds.")
+]
 #: Contract version of an ingest event: exactly the integer 1 (``true`` or ``"1"`` are not).
 Version = Annotated[
     int, Strict(), Field(ge=1, le=1, json_schema_extra={"const": 1}, description="Version: 1.")
@@ -141,6 +156,28 @@ class _Registration(BaseModel):
             metadata=self.metadata,
             ttl=self.ttl,
         )
+
+
+class LeaseTiming(BaseModel):
+    """How a registration renews: checked where it is made (``Registry.register``, the CLI),
+    since the interval never travels.
+
+    >>> LeaseTiming(ttl=3.0, interval=1.0).interval
+    1.0
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ttl: Ttl
+    interval: float = Field(gt=0, le=c.MAX_HEARTBEAT_INTERVAL, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _interval_below_ttl(self) -> LeaseTiming:
+        if self.interval >= self.ttl:
+            raise ValueError(
+                f"the heartbeat interval ({self.interval}s) must be below the ttl ({self.ttl}s)"
+            )
+        return self
 
 
 class Register(_Registration):
@@ -251,7 +288,14 @@ def first_error(exc: ValidationError) -> tuple[str, str]:
     """``(dotted location, message)`` of the first error pydantic reports (location '' for
     the whole value)."""
     err = exc.errors()[0]
-    return ".".join(str(p) for p in err["loc"]), str(err["msg"])
+    location = ".".join(str(p) for p in err["loc"])
+    field = str(err["loc"][-1]) if err["loc"] else ""
+    if err["type"] == "string_pattern_mismatch" and field in NAME_RULES:
+        # the rule in words, not the regular expression
+        return location, f"{err['input']!r} is not valid: use {NAME_RULES[field]}"
+    if err["type"] == "value_error" and "error" in err.get("ctx", {}):
+        return location, str(err["ctx"]["error"])  # without pydantic's "Value error, "
+    return location, str(err["msg"])
 
 
 def validation_message(exc: ValidationError, where: str = "") -> str:
