@@ -146,21 +146,39 @@ class IngestPublisher:
         deadline passes; the last failure is raised."""
         loop = asyncio.get_running_loop()
         end = loop.time() + deadline
+        kind = f"{type(event).__name__.lower()} of {event.service}/{event.instance_id}"
+        errors: list[PublishFailed] = []
 
         async def attempt() -> None:
             # short attempts: a connection that came back half-ready (stream not yet
             # available) is dropped and replaced instead of waited on until the deadline
             remaining = end - loop.time()
-            await self.publish(event, timeout=max(0.2, min(ATTEMPT_TIMEOUT, remaining)))
+            try:
+                await self.publish(event, timeout=max(0.2, min(ATTEMPT_TIMEOUT, remaining)))
+            except PublishFailed as exc:
+                errors.append(exc)
+                raise
 
-        await retrying(
-            attempt,
-            what=f"publish {type(event).__name__.lower()} of {event.service}/{event.instance_id}",
-            log=log,
-            backoff=PUBLISH_BACKOFF,
-            retry_on=(PublishFailed,),
-            deadline=deadline,
-        )
+        try:
+            await retrying(
+                attempt,
+                what=f"publish {kind}",
+                log=log,
+                backoff=PUBLISH_BACKOFF,
+                retry_on=(PublishFailed,),
+                deadline=deadline,
+                # bounded, and its end is raised to the caller: no warning of its own
+                level=logging.DEBUG,
+            )
+        except PublishFailed as exc:
+            # the last attempt is often a short timeout; what stood in the way is the last
+            # failure that was not one (a refused connection, a missing stream)
+            cause = next((e for e in reversed(errors) if not _timed_out(e)), exc)
+            raise PublishFailed(f"{kind} not confirmed within {deadline:g}s: {cause}") from exc
+
+
+def _timed_out(exc: BaseException) -> bool:
+    return isinstance(exc.__cause__, TimeoutError)
 
 
 def checked_registration(

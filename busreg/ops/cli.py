@@ -31,6 +31,7 @@ from busreg.client.registration import checked_registration
 from busreg.client.registry import Registry
 from busreg.client.revisions import Change
 from busreg.errors import BusregError, ConfigurationError
+from busreg.ops.logs import configure_logging
 from busreg.settings import Settings, load_settings
 from busreg.transport.connections import connect_amqp
 from busreg.transport.topology import apply_topology, verify_partitions
@@ -38,33 +39,6 @@ from busreg.transport.topology import apply_topology, verify_partitions
 __all__ = ["main"]
 
 log = logging.getLogger("busreg.cli")
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line)
-
-
-def _configure_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # the broker libraries are chatty at INFO about reconnects we already report
-    for noisy in ("aio_pika", "aiormq", "rstream"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -471,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":
         from busreg.bench import main as bench_main
 
-        _configure_logging(getattr(args, "log_level", "WARNING"), "text")
+        configure_logging(getattr(args, "log_level", "WARNING"), "text")
         try:
             return bench_main([*unknown, *args.bench_args], _settings(args))
         except BusregError as exc:
@@ -481,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _parser().error(f"unrecognized arguments: {' '.join(unknown)}")
     # the demo draws a table on the terminal: only problems may interrupt it
     default_level = "WARNING" if args.command == "demo" else "INFO"
-    _configure_logging(
+    configure_logging(
         getattr(args, "log_level", default_level), getattr(args, "log_format", "text")
     )
     try:

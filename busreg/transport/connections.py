@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeAlias, TypeVar
@@ -26,6 +27,7 @@ from redis.backoff import NoBackoff
 from busreg.errors import (
     AuthenticationFailed,
     BusregError,
+    ConfigurationError,
     ConnectionFailed,
     Fenced,
     PublishFailed,
@@ -47,6 +49,17 @@ __all__ = [
 log = logging.getLogger("busreg.connections")
 N = TypeVar("N")
 R = TypeVar("R")
+
+
+def _os_reason(exc: BaseException) -> str:
+    """"Connection refused" for an error that carries an errno (aiormq wraps OSError)."""
+    code = exc.args[0] if exc.args else None
+    if isinstance(code, int):
+        return os.strerror(code)
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError) and cause.errno:
+        return os.strerror(cause.errno)
+    return str(exc)
 
 
 def _redact(url: str) -> str:
@@ -104,15 +117,24 @@ def translate(what: str) -> Iterator[None]:
         ) from exc
     except aiormq.exceptions.DeliveryError as exc:
         raise PublishFailed(f"{what}: broker did not confirm ({exc})") from exc
-    except (
-        aiormq.exceptions.AMQPError,
-        aiormq.exceptions.ChannelInvalidStateError,
-        ConnectionError,
-        OSError,
-    ) as exc:
-        raise ConnectionFailed(f"{what}: RabbitMQ unreachable or closed ({exc!r})") from exc
-    except TimeoutError as exc:
+    except aiormq.exceptions.InvalidFrameError as exc:
+        # aiormq keeps only the repr of the Connection.Close the broker answered the
+        # connection's open with; its reason (the vhost) is lost, so say what it means
+        if "Connection.Close" in str(exc):
+            raise ConfigurationError(
+                f"{what}: RabbitMQ refused to open the connection: no such vhost, or the "
+                "user may not use it (rabbitmqctl list_vhosts / list_user_permissions)"
+            ) from exc
+        raise ConnectionFailed(f"{what}: RabbitMQ sent an unexpected frame ({exc})") from exc
+    except aiormq.exceptions.AMQPConnectionError as exc:
+        raise ConnectionFailed(f"{what}: RabbitMQ unreachable ({_os_reason(exc)})") from exc
+    except TimeoutError as exc:  # an OSError too: before the errno branch
         raise ConnectionFailed(f"{what}: timed out") from exc
+    except OSError as exc:  # ConnectionRefusedError and friends: their errno says it
+        reason = os.strerror(exc.errno) if exc.errno else repr(exc)
+        raise ConnectionFailed(f"{what}: RabbitMQ unreachable ({reason})") from exc
+    except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError) as exc:
+        raise ConnectionFailed(f"{what}: RabbitMQ unreachable or closed ({exc!r})") from exc
     except Exception as exc:
         # rstream raises plain Exception subclasses (ServerError, StreamDoesNotExist, ...)
         module = type(exc).__module__

@@ -1,0 +1,61 @@
+"""What ``busreg`` says when a server is not where the settings say (issue 15, section 4):
+one line on stderr naming the cause, exit 1; no library log lines, no Python reprs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from busreg import Settings
+
+pytestmark = pytest.mark.servers
+
+
+def _busreg(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "busreg", *args],
+        env={**os.environ, **settings.to_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _one_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("busreg: error: ")
+    assert "object at 0x" not in lines[0]
+    return lines[0]
+
+
+def _amqp(settings: Settings, port: int, vhost: str = "") -> str:
+    return settings.amqp_urls()[0].rsplit(":", 1)[0] + f":{port}/{vhost}"
+
+
+def test_a_wrong_stream_port_is_named_as_refused(busreg_namespace: Settings) -> None:
+    wrong = {
+        "BUSREG_STREAM_URL": "rabbitmq-stream://guest:guest@127.0.0.1:1/",
+        "BUSREG_CLIENT__CONFIRM_TIMEOUT": "1",
+    }
+    args = ["register", "inv", "--address", "127.0.0.1:80"]
+    line = _one_line(_busreg(busreg_namespace, *args, **wrong))
+    assert "not confirmed within 1s" in line
+    assert "stream connect to 127.0.0.1:1: RabbitMQ unreachable (Connection refused)" in line
+
+
+def test_a_wrong_amqp_port_is_named_as_refused(busreg_namespace: Settings) -> None:
+    url = _amqp(busreg_namespace, 1)
+    line = _one_line(_busreg(busreg_namespace, "ls", BUSREG_AMQP_URL=url))
+    assert line.endswith("RabbitMQ unreachable (Connection refused)")
+
+
+def test_an_unknown_vhost_is_named(busreg_namespace: Settings) -> None:
+    port = int(busreg_namespace.amqp_urls()[0].rsplit(":", 1)[1].split("/")[0])
+    url = _amqp(busreg_namespace, port, "no-such-vhost")
+    line = _one_line(_busreg(busreg_namespace, "ls", BUSREG_AMQP_URL=url))
+    assert "no such vhost, or the user may not use it" in line
