@@ -8,9 +8,11 @@ consumed event was written to the stream).
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
+from busreg.errors import ConfigurationError
 from busreg.server.store import PartitionStore
 from busreg.settings import Settings
 from busreg.transport.connections import connect_redis
@@ -51,6 +53,12 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
                     "outage_marks": int(state.get("outage_marks", 0)),
                     "failovers": int(state.get("failovers", 0)),
                 }
+            )
+        if not live and not any(row["epoch"] for row in rows):
+            raise ConfigurationError(
+                f"{_where(settings)} has no state for namespace {settings.namespace!r}: no "
+                "worker has run it with this Redis (check the database in BUSREG_REDIS_URL, "
+                "and BUSREG_NAMESPACE)"
             )
         heads = await stream_heads(settings)
         for row in rows:
@@ -98,6 +106,11 @@ def render_status(report: dict[str, Any]) -> str:
             + ", ".join(f"P{p['partition']} {p['grace_left_ms'] / 1000:.1f}s" for p in held)
         )
     return "\n".join(lines)
+
+
+def _where(settings: Settings) -> str:
+    # without the credentials; several hosts (Sentinel, Cluster) stay as they are
+    return "Redis " + re.sub(r"//[^@/]*@", "//", settings.redis_url)
 
 
 def _grace_left(state: dict[str, str]) -> int:

@@ -236,13 +236,17 @@ async def peek_heads(
     """Newest offset of each ingest partition's stream (-1 if empty), read concurrently over
     one started rstream Consumer (an unsubscribe alone takes about 0.2 s)."""
     ks = range(settings.partitions) if partitions is None else partitions
-    async with asyncio.TaskGroup() as tg:
-        tasks = {
-            k: tg.create_task(
-                _peek_head(consumer, c.ingest_partition(settings.namespace, k), timeout)
-            )
-            for k in ks
-        }
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = {
+                k: tg.create_task(
+                    _peek_head(consumer, c.ingest_partition(settings.namespace, k), timeout)
+                )
+                for k in ks
+            }
+    except* BusregError as group:
+        # one error for the caller (a missing stream fails every peek alike), not a group
+        raise group.exceptions[0] from None
     return {k: task.result() for k, task in tasks.items()}
 
 

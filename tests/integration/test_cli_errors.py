@@ -59,3 +59,11 @@ def test_an_unknown_vhost_is_named(busreg_namespace: Settings) -> None:
     url = _amqp(busreg_namespace, port, "no-such-vhost")
     line = _one_line(_busreg(busreg_namespace, "ls", BUSREG_AMQP_URL=url))
     assert "no such vhost, or the user may not use it" in line
+
+
+def test_status_on_a_redis_without_the_namespace_says_so(busreg_namespace: Settings) -> None:
+    """No worker ever ran this namespace with this Redis (a wrong DB, say): not an outage
+    table with no workers and rc 0, but one line saying where to look."""
+    line = _one_line(_busreg(busreg_namespace, "status"))
+    assert f"has no state for namespace {busreg_namespace.namespace!r}" in line
+    assert "check the database in BUSREG_REDIS_URL" in line

@@ -91,3 +91,16 @@ async def test_the_writer_tells_which_streams_it_lost_its_way_to(
         assert told == [["quiet"], ["moved"]]
     finally:
         await writer.close()
+
+
+async def test_peek_heads_raises_one_error_not_a_group() -> None:
+    """``busreg status`` on a namespace whose streams are gone printed an ExceptionGroup
+    traceback; the caller gets the first busreg error, which says what to run."""
+    from busreg.errors import TopologyMissing
+
+    class Missing:
+        async def subscribe(self, stream: str, *args: Any, **kwargs: Any) -> None:
+            raise TopologyMissing(f"peek {stream}: stream missing (run `busreg topology apply`)")
+
+    with pytest.raises(TopologyMissing, match="run `busreg topology apply`"):
+        await streams.peek_heads(Missing(), Settings(namespace="gone", partitions=3))
