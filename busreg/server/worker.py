@@ -242,12 +242,6 @@ class Worker:
                 "auth is OFF (development default): any client may register, heartbeat or "
                 "deregister any service; set BUSREG_AUTH__MODE=enforce and BUSREG_AUTH__SECRET"
             )
-        log.info(
-            "worker started worker=%s namespace=%s partitions=%d",
-            self.worker_id,
-            self.settings.namespace,
-            self.settings.partitions,
-        )
         if self.settings.worker.metrics_port is not None:
             assert self.store is not None
             self.metrics = WorkerMetrics(self)
@@ -259,6 +253,13 @@ class Worker:
                 self.metrics.port,
                 self.worker_id,
             )
+        # only now: a worker that cannot serve its metrics never claimed to have started
+        log.info(
+            "worker started worker=%s namespace=%s partitions=%d",
+            self.worker_id,
+            self.settings.namespace,
+            self.settings.partitions,
+        )
         try:
             await self._serve()
         finally:

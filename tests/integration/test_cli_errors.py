@@ -4,6 +4,7 @@ one line on stderr naming the cause, exit 1; no library log lines, no Python rep
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -67,3 +68,21 @@ def test_status_on_a_redis_without_the_namespace_says_so(busreg_namespace: Setti
     line = _one_line(_busreg(busreg_namespace, "status"))
     assert f"has no state for namespace {busreg_namespace.namespace!r}" in line
     assert "check the database in BUSREG_REDIS_URL" in line
+
+
+def test_a_worker_whose_metrics_port_is_taken_never_says_it_started(
+    busreg_namespace: Settings,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _busreg(
+            busreg_namespace, "worker", "--metrics-port", str(port), "--metrics-host", "127.0.0.1"
+        )
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"busreg: error: cannot serve metrics on 127.0.0.1:{port}: Address already in use"
+    )
+    assert "worker started" not in result.stderr
