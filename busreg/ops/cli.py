@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import json
 import logging
 import signal
@@ -260,6 +261,8 @@ async def _cmd_ls(args: argparse.Namespace, settings: Settings) -> int:
                 print(_table(rows, ["SERVICE", "INSTANCES", "REVISION"]))
             return 0
         snap = await registry.snapshot(args.service)
+        if snap.revision == 0:
+            await _hint_unknown(registry, args.service)
         if args.json:
             print(
                 json.dumps(
@@ -285,6 +288,15 @@ async def _cmd_ls(args: argparse.Namespace, settings: Settings) -> int:
             ]
             print(_table(rows, ["INSTANCE", "ADDRESS", "ZONE", "STATUS", "METADATA"]))
     return 0
+
+
+async def _hint_unknown(registry: Registry, service: str) -> None:
+    """A service that never had an instance is empty (revision 0), not an error; but a
+    typo deserves a hint, on stderr so the output stays what it says."""
+    known = [s["service"] for s in await registry.services()]
+    near = difflib.get_close_matches(service, known, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(near)}?" if near else "`busreg ls` lists the services"
+    print(f"busreg: {service!r} has never had an instance (revision 0); {hint}", file=sys.stderr)
 
 
 def _change_line(change: Change, as_json: bool, reason: str | None = None) -> str:
@@ -314,6 +326,8 @@ async def _cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     stop = asyncio.Event()
     async with Registry(settings, name=f"busreg-watch {args.service}") as registry:
         view = await registry.watch(args.service)
+        if view.revision == 0:
+            await _hint_unknown(registry, args.service)
         changes = view.changes()
         for inst in sorted(view.instances.values(), key=lambda i: i.instance_id):
             change = Change(DeltaKind.ADDED, args.service, view.revision, inst, None)

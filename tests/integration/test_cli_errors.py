@@ -3,6 +3,7 @@ one line on stderr naming the cause, exit 1; no library log lines, no Python rep
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -10,7 +11,7 @@ import sys
 
 import pytest
 
-from busreg import Settings
+from busreg import Registry, Settings, Worker
 
 pytestmark = pytest.mark.servers
 
@@ -86,3 +87,22 @@ def test_a_worker_whose_metrics_port_is_taken_never_says_it_started(
         f"busreg: error: cannot serve metrics on 127.0.0.1:{port}: Address already in use"
     )
     assert "worker started" not in result.stderr
+
+
+async def test_ls_and_watch_of_a_misspelt_service_hint_at_the_name(
+    busreg_worker: Worker, busreg_registry: Registry, busreg_namespace: Settings
+) -> None:
+    await busreg_registry.register("inventory", address="127.0.0.1:8080", instance_id="i-1")
+    # off the loop: the worker answering the CLI's requests runs on it
+    ls = await asyncio.to_thread(_busreg, busreg_namespace, "ls", "inventroy")
+    assert ls.returncode == 0, ls.stderr
+    assert ls.stdout.startswith("inventroy  revision 0  (0 instances)")
+    hint = "busreg: 'inventroy' has never had an instance (revision 0); did you mean inventory?"
+    assert hint in ls.stderr
+    watch = await asyncio.to_thread(
+        _busreg, busreg_namespace, "watch", "inventroy", "--duration", "0.1"
+    )
+    assert watch.returncode == 0, watch.stderr
+    assert hint in watch.stderr
+    known = await asyncio.to_thread(_busreg, busreg_namespace, "ls", "inventory")
+    assert "never had an instance" not in known.stderr
