@@ -12,10 +12,11 @@ import re
 import time
 from typing import Any
 
+from busreg import constants as c
 from busreg.errors import ConfigurationError
 from busreg.server.store import PartitionStore
 from busreg.settings import Settings
-from busreg.transport.connections import connect_redis
+from busreg.transport.connections import connect_redis, translate
 from busreg.transport.streams import stream_heads
 
 __all__ = ["collect_status", "render_status"]
@@ -25,7 +26,6 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
     redis = await connect_redis(settings)
     try:
         store = PartitionStore(redis, settings.namespace)
-        # offsets first, stream heads after: a head read later is never behind its offset
         rows: list[dict[str, Any]] = []
         for k in range(settings.partitions):
             now_ms, live = await store.live_workers()  # Redis' clock, now; read only
@@ -61,7 +61,15 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
                 "and BUSREG_NAMESPACE)"
             )
         heads = await stream_heads(settings)
+        # The offsets again, now that the heads are read: lag = what the stream held when
+        # its head was read and the partition had still not applied a moment later. Read
+        # before the heads only, an idle partition showed the ticks written meanwhile as lag
+        # (more for each partition read earlier). So lag is a lower bound, exact when idle.
         for row in rows:
+            key = store.prefix(row["partition"]) + c.KEY_STATE
+            with translate("read committed offsets"):
+                offset = await redis.hget(key, "offset")
+            row["committed_offset"] = int(offset) if offset is not None else -1
             row["head_offset"] = heads.get(row["partition"], -1)
             row["lag"] = max(0, row["head_offset"] - row["committed_offset"])
         partitions = rows
