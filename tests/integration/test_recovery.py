@@ -65,7 +65,9 @@ async def test_sigkilled_worker_resumes_from_committed_offset_and_applies_nothin
     settings = busreg_namespace
     service = "burst"
     k = partition_for(service, settings.partitions)
-    total = await _publish_burst(settings, service, instances=200, beats=40)
+    # large enough that the kill lands mid-backlog even when one poll of the state takes
+    # as long as a Redis Cluster connect (seen: 8,200 events all applied within one poll)
+    total = await _publish_burst(settings, service, instances=200, beats=150)
     proc = spawn_worker(settings, "victim", tmp_path / "victim.log")
     try:
         # kill it mid-backlog: once it has committed some but not all of the events
