@@ -50,7 +50,7 @@ def _split(url: str) -> SplitResult:
 
 
 class WorkerSettings(BaseModel):
-    """Shard worker tuning; the defaults meet the targets in DESIGN.md §4."""
+    """Shard worker tuning; the defaults meet the targets in docs/benchmarks.md."""
 
     tick_interval: float = Field(c.DEFAULT_TICK_INTERVAL, gt=0, le=5)
     standby_tick_interval: float = Field(c.DEFAULT_STANDBY_TICK_INTERVAL, gt=0, le=30)

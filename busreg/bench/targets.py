@@ -1,5 +1,5 @@
 """Derived figures of a bench run: ratios, footprint, growth, the target check against
-DESIGN.md §4 / issue 6, and the sanity check CI relies on (figures present and non-zero)."""
+docs/benchmarks.md / issue 6, and the sanity check CI relies on (figures present and non-zero)."""
 
 from __future__ import annotations
 
