@@ -1,7 +1,7 @@
 """Register → watcher, graceful deregister → watcher, and crash detection.
 
 One namespace, one worker subprocess and a steady background of simulated instances (one
-heartbeat per second each, e.g. 1,000 over 50 services, the setup of the etcd and ZooKeeper comparison).
+heartbeat per second each, e.g. 1,000 over 50 services, as in the etcd/ZooKeeper comparison).
 Two kinds of watcher run in this process on the first few services:
 
 * ``view``: ``Registry.watch(service)`` and its ``changes()`` iterator, what a user sees;

@@ -368,7 +368,7 @@ def render(res: dict[str, Any]) -> str:
             for t in tg
         ]
         parts.append(
-            table("Targets (docs/benchmarks.md, issue 6)", ["figure", "target", "measured", ""], rows)
+            table("Targets (benchmarks.md, issue 6)", ["figure", "target", "measured", ""], rows)
         )
     return "\n".join(parts)
 
