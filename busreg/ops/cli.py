@@ -195,19 +195,17 @@ def _parse_meta(items: Sequence[str]) -> dict[str, str]:
 
 
 async def _cmd_register(args: argparse.Namespace, settings: Settings) -> int:
-    meta = _parse_meta(args.meta)
+    fields: dict[str, Any] = {
+        "address": args.address,
+        "instance_id": args.instance_id,
+        "zone": args.zone,
+        "status": args.status,
+        "metadata": _parse_meta(args.meta),
+        "ttl": args.ttl,
+        "interval": args.interval,
+    }
     # refused before anything connects (the same checks as Registry.register)
-    checked_registration(
-        settings,
-        args.service,
-        address=args.address,
-        instance_id=args.instance_id,
-        zone=args.zone,
-        status=args.status,
-        metadata=meta,
-        ttl=args.ttl,
-        interval=args.interval,
-    )
+    checked_registration(settings, args.service, **fields)
     check = parse_check(
         args.check,
         args.check_cmd,
@@ -218,17 +216,7 @@ async def _cmd_register(args: argparse.Namespace, settings: Settings) -> int:
     )
     stop = asyncio.Event()
     async with Registry(settings, name=f"busreg-register {args.service}") as registry:
-        reg = await registry.register(
-            args.service,
-            address=args.address,
-            instance_id=args.instance_id,
-            zone=args.zone,
-            status=args.status,
-            metadata=meta,
-            ttl=args.ttl,
-            interval=args.interval,
-            check=check,
-        )
+        reg = await registry.register(args.service, **fields, check=check)
         print(
             f"registered {reg.service}/{reg.instance_id} at {reg.address} "
             f"(ttl {reg.ttl}s, heartbeat every {reg.interval}s); Ctrl-C to deregister",
