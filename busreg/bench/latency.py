@@ -237,7 +237,7 @@ async def _register_deregister(
                 metadata={"version": "1.4.2", "team": "bench"},
                 # long lease, no heartbeat during the probe: only the registration counts
                 ttl=c.MAX_TTL,
-                interval=c.MAX_TTL - 1,
+                interval=c.MAX_HEARTBEAT_INTERVAL,
             )
 
         return call
@@ -250,7 +250,7 @@ async def _register_deregister(
             address=f"10.201.0.{j + 1}:9000",
             instance_id=f"warmup-{j}",
             ttl=c.MAX_TTL,
-            interval=c.MAX_TTL - 1,
+            interval=c.MAX_HEARTBEAT_INTERVAL,
         )
         await warm.deregister()
     phases: list[tuple[str, str, list[tuple[str, Callable[[], Awaitable[object]]]]]] = [
