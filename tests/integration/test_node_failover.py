@@ -60,6 +60,8 @@ async def test_a_lost_connection_reconnects_to_the_next_node(busreg_namespace: S
             assert conn.url.port == url.port, "reconnected to the dead node's address"
             # the robust channel came back on the other node and works
             await channel.declare_queue(queue.name, passive=True)
+            # never consumed, so auto-delete would never remove it: every run left one
+            await queue.delete()
         finally:
             await conn.close()
 
