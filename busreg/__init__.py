@@ -29,7 +29,14 @@ from busreg.errors import (
     TopologyMissing,
 )
 from busreg.settings import ClientSettings, Settings, WorkerSettings
-from busreg.wire.models import Delta, DeltaKind, Instance, InstanceStatus, Snapshot
+from busreg.wire.models import (
+    Delta,
+    DeltaKind,
+    Instance,
+    InstanceStatus,
+    Snapshot,
+    StatusOverride,
+)
 from busreg.wire.routing import partition_for
 
 if TYPE_CHECKING:
@@ -65,6 +72,7 @@ __all__ = [
     "ServiceView",
     "Settings",
     "Snapshot",
+    "StatusOverride",
     "TcpCheck",
     "TopologyMissing",
     "Worker",

@@ -84,10 +84,19 @@ KEY_REV = "rev"  # hash: service -> revision
 KEY_DEADLINES = "deadlines"  # zset svc<US>id -> lease deadline on the partition clock
 KEY_TOMB = "tomb"  # hash svc<US>id -> version at removal
 KEY_TOMB_DEADLINES = "tombdl"  # zset svc<US>id -> when the tombstone is forgotten
+KEY_OVERRIDES = "ovr"  # hash svc<US>id -> incarnation .. operator status override JSON
 KEY_SERVICE = "s:"  # + service name: hash instance id -> version .. stored JSON
 
 #: The fixed keys apply.lua declares first, in this order (the service hashes follow).
-APPLY_KEYS = (KEY_STATE, KEY_REV, KEY_DEADLINES, KEY_TOMB, KEY_TOMB_DEADLINES, KEY_OUTBOX)
+APPLY_KEYS = (
+    KEY_STATE,
+    KEY_REV,
+    KEY_DEADLINES,
+    KEY_TOMB,
+    KEY_TOMB_DEADLINES,
+    KEY_OUTBOX,
+    KEY_OVERRIDES,
+)
 
 # --- queue arguments --------------------------------------------------------------------
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import getpass
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Self
 
@@ -46,6 +48,7 @@ from busreg.transport.topology import verify_partitions
 from busreg.wire.models import (
     InstanceStatus,
     ServiceName,
+    SetStatus,
     Snapshot,
     validation_message,
 )
@@ -248,6 +251,50 @@ class Registry:
         log.info("registered service=%s instance=%s address=%s", service, instance_id, address)
         return reg
 
+    async def set_status(
+        self,
+        service: str,
+        instance_id: str,
+        status: InstanceStatus | str | None,
+        *,
+        reason: str = "",
+        by: str | None = None,
+    ) -> None:
+        """Override an instance's status as an operator (``None`` clears the override);
+        returns once the broker confirmed the event. Any instance of the namespace, not
+        only this registry's own: this is how a team drains an instance before a deploy.
+
+            await registry.set_status("inventory", "inv-1", "OUT_OF_SERVICE",
+                                      reason="drain before deploy")
+
+        The override holds until cleared, for the instance's current incarnation (its
+        heartbeats and re-registrations keep it; a restart ends it); the instance's own
+        DOWN or STARTING still wins. Subscribers see the effective ``status`` and
+        ``Instance.override`` (who, why, when). With auth enforced, sign with the service's
+        key or the operators' admin key (``busreg keys --admin``), or publish over AMQP as
+        an owner of the service. An override of an unknown instance changes nothing."""
+        self._check_open()
+        try:
+            event = SetStatus(
+                service=service,
+                instance_id=instance_id,
+                status=None if status is None else InstanceStatus(status).value,
+                by=by or default_operator(),
+                reason=reason,
+            )
+        except ValueError as exc:
+            message = validation_message(exc) if isinstance(exc, ValidationError) else str(exc)
+            raise ConfigurationError(f"set-status of {service}/{instance_id}: {message}") from exc
+        publisher = await self._ingest()
+        await publisher.publish_until_confirmed(event, self.settings.client.confirm_timeout)
+        log.info(
+            "status override service=%s instance=%s status=%s by=%s",
+            service,
+            instance_id,
+            event.status or "(cleared)",
+            event.by,
+        )
+
     # --- readers ------------------------------------------------------------------------------
 
     async def snapshot(self, service: str) -> Snapshot:
@@ -361,6 +408,15 @@ class Registry:
 
 
 _service_name: TypeAdapter[str] = TypeAdapter(ServiceName)
+
+
+def default_operator() -> str:
+    """Who an override says set it when not told: ``user@host``."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"[:128]
 
 
 def _check_service(name: str) -> None:

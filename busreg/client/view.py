@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
@@ -115,6 +116,7 @@ class ServiceView:
         self._updated = asyncio.Condition()
         self._closed = False
         self._queue: AbstractQueue | None = None
+        self._exchange: AbstractExchange | None = None
         self._consumer_tag: str | None = None
         #: set by a reconnect: the next resync binds a new queue first (see _bind)
         self._rebind = False
@@ -223,6 +225,7 @@ class ServiceView:
             if self._channel is None or self._channel.is_closed:
                 self._channel = await self._connection.channel()
             exchange = await declare_service_exchange(self._channel, self._namespace, self.service)
+            self._exchange = exchange
             # not restored by aio-pika after a reconnect: _bind_again makes a new one
             self._queue = await declare_exclusive_queue(
                 self._channel, {"x-max-length": self._queue_max, "x-overflow": "drop-head"}
@@ -368,6 +371,12 @@ class ServiceView:
                         if self._consumer_tag is not None:
                             await self._queue.cancel(self._consumer_tag)
                         await self._queue.delete(if_unused=False, if_empty=False)
+                    if self.state.revision == 0 and self._exchange is not None:
+                        # the service never had an instance: the exchange this view declared
+                        # would outlive it, and `topology delete` cannot know it. Deleted
+                        # only while nobody is bound (if-unused); a worker that publishes
+                        # to it meanwhile declares it again (its cache is dropped on error)
+                        await self._exchange.delete(if_unused=True)
                     await self._channel.close()
             except Exception as exc:  # the channel may already be gone; nothing to keep
                 log.debug("watch close: %r", exc)

@@ -5,6 +5,7 @@
     busreg register inventory --address 10.0.0.7:8080 --zone eu-1a --meta version=2
     busreg ls [SERVICE] [--json]
     busreg watch SERVICE [--json]
+    busreg set-status SERVICE INSTANCE OUT_OF_SERVICE --reason "drain" | --clear
     busreg status [--json]
     busreg demo [--duration 30]
 
@@ -16,21 +17,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import difflib
 import json
 import logging
 import signal
 import sys
-import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
-
-import orjson
 
 from busreg.client.checks import parse_check
 from busreg.client.registration import checked_registration
 from busreg.client.registry import Registry
-from busreg.client.revisions import Change
 from busreg.errors import BusregError, ConfigurationError
 from busreg.ops.logs import configure_logging
 from busreg.settings import Settings, load_settings
@@ -119,7 +115,23 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
 
     k = sub.add_parser("keys", parents=[common], help="print service signing keys")
-    k.add_argument("services", nargs="+", metavar="SERVICE")
+    k.add_argument("services", nargs="*", metavar="SERVICE")
+    k.add_argument(
+        "--admin", action="store_true", help="also the operators' key (set-status, any service)"
+    )
+
+    ss = sub.add_parser(
+        "set-status",
+        parents=[common],
+        help="override an instance's status as an operator (drain before a deploy)",
+    )
+    ss.add_argument("service")
+    ss.add_argument("instance_id", metavar="INSTANCE")
+    ss.add_argument("status", nargs="?", choices=["OUT_OF_SERVICE", "DOWN", "UP"])
+    ss.add_argument("--clear", action="store_true", help="end the override")
+    ss.add_argument("--reason", default="", help="why (shown with the override)")
+    ss.add_argument("--by", help="who (default user@host)")
+    ss.add_argument("--wait", type=float, default=5.0, help="seconds to see it applied")
 
     de = sub.add_parser(
         "demo",
@@ -131,6 +143,18 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         help="seconds until it ends by itself (default 30; at least 12 with default timings)",
+    )
+
+    gw = sub.add_parser(
+        "gateway", parents=[common], help="serve the dashboard, HTTP API and discovery endpoints"
+    )
+    gw.add_argument("--host", help="address to bind (default 127.0.0.1; BUSREG_GATEWAY__HOST)")
+    gw.add_argument("--port", type=int, help="port (default 8500; BUSREG_GATEWAY__PORT)")
+    gw.add_argument("--route", action="store_true", help="also route /route/<service>/...")
+    gw.add_argument(
+        "--operator",
+        action="store_true",
+        help="operator pages from Redis, like `busreg status` (also on with --redis-url)",
     )
 
     t = sub.add_parser("topology", parents=[common], help="declare or remove the broker topology")
@@ -232,111 +256,29 @@ async def _cmd_register(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
+    from busreg.ops.listing import table
+
+    return table(rows, header)
 
 
 async def _cmd_ls(args: argparse.Namespace, settings: Settings) -> int:
-    async with Registry(settings, name="busreg-ls") as registry:
-        if args.service is None:
-            services = await registry.services()
-            if args.json:
-                print(json.dumps({"services": services}))
-            else:
-                rows = [[s["service"], str(s["instances"]), str(s["revision"])] for s in services]
-                print(_table(rows, ["SERVICE", "INSTANCES", "REVISION"]))
-            return 0
-        snap = await registry.snapshot(args.service)
-        if snap.revision == 0:
-            await _hint_unknown(registry, args.service)
-        if args.json:
-            print(
-                json.dumps(
-                    {
-                        "service": snap.service,
-                        "revision": snap.revision,
-                        "epoch": snap.epoch,
-                        "instances": [i.model_dump(mode="json") for i in snap.instances],
-                    }
-                )
-            )
-        else:
-            print(f"{snap.service}  revision {snap.revision}  ({len(snap.instances)} instances)")
-            rows = [
-                [
-                    i.instance_id,
-                    i.address,
-                    i.zone,
-                    i.status.value,
-                    ",".join(f"{k}={v}" for k, v in sorted(i.metadata.items())),
-                ]
-                for i in snap.instances
-            ]
-            print(_table(rows, ["INSTANCE", "ADDRESS", "ZONE", "STATUS", "METADATA"]))
-    return 0
+    from busreg.ops.listing import list_services
 
-
-async def _hint_unknown(registry: Registry, service: str) -> None:
-    """A service that never had an instance is empty (revision 0), not an error; but a
-    typo deserves a hint, on stderr so the output stays what it says."""
-    known = [s["service"] for s in await registry.services()]
-    near = difflib.get_close_matches(service, known, n=3, cutoff=0.6)
-    hint = f"did you mean {', '.join(near)}?" if near else "`busreg ls` lists the services"
-    print(f"busreg: {service!r} has never had an instance (revision 0); {hint}", file=sys.stderr)
-
-
-def _change_line(change: Change, as_json: bool, reason: str | None = None) -> str:
-    if as_json:
-        return orjson.dumps(
-            {
-                "kind": change.kind.value,
-                "service": change.service,
-                "revision": change.revision,
-                "instance_id": change.instance_id,
-                "reason": reason or change.reason,
-                "instance": change.instance.model_dump(mode="json"),
-            }
-        ).decode()
-    i = change.instance
-    why = f" ({reason or change.reason})" if (reason or change.reason) else ""
-    return (
-        f"{time.strftime('%H:%M:%S')} rev {change.revision:<5} {change.kind.value:<8} "
-        f"{i.instance_id} {i.address} zone={i.zone} {i.status.value}{why}"
-    )
+    return await list_services(settings, args.service, as_json=args.json)
 
 
 async def _cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
-    from busreg.tasks import cancel_until_done
-    from busreg.wire.models import DeltaKind
+    from busreg.ops.listing import watch_service
 
     stop = asyncio.Event()
-    async with Registry(settings, name=f"busreg-watch {args.service}") as registry:
-        view = await registry.watch(args.service)
-        if view.revision == 0:
-            await _hint_unknown(registry, args.service)
-        changes = view.changes()
-        for inst in sorted(view.instances.values(), key=lambda i: i.instance_id):
-            change = Change(DeltaKind.ADDED, args.service, view.revision, inst, None)
-            print(_change_line(change, args.json, reason="snapshot"), flush=True)
-
-        async def follow() -> None:
-            async for change in changes:
-                print(_change_line(change, args.json), flush=True)
-
-        async def run() -> None:
-            async with asyncio.TaskGroup() as tg:
-                task = tg.create_task(follow())
-                try:
-                    async with asyncio.timeout(args.duration):
-                        await stop.wait()
-                except TimeoutError:
-                    pass
-                await cancel_until_done([task])
-
-        await _until_signal(run, stop.set)
-    return 0
+    return await watch_service(
+        settings,
+        args.service,
+        as_json=args.json,
+        duration=args.duration,
+        until=lambda run: _until_signal(run, stop.set),
+        stop=stop,
+    )
 
 
 async def _cmd_topology(args: argparse.Namespace, settings: Settings) -> int:
@@ -404,19 +346,67 @@ async def _cmd_deadletters(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _cmd_set_status(args: argparse.Namespace, settings: Settings) -> int:
+    from busreg.ops.overrides import set_status
+    from busreg.wire.models import InstanceStatus
+
+    if (args.status is None) == (not args.clear):
+        raise ConfigurationError("give a STATUS (OUT_OF_SERVICE, DOWN, UP) or --clear, not both")
+    status = None if args.clear else InstanceStatus(args.status)
+    line = await set_status(
+        settings,
+        args.service,
+        args.instance_id,
+        status,
+        reason=args.reason,
+        by=args.by,
+        wait=args.wait,
+    )
+    print(line)
+    return 0
+
+
 async def _cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
-    from busreg.wire.auth import service_key
+    from busreg.wire.auth import ADMIN, admin_key, service_key
     from busreg.wire.models import Register
 
     secret = settings.auth.secret_bytes()
     if secret is None:
         raise ConfigurationError("set BUSREG_AUTH__SECRET (the workers' secret) to derive keys")
+    if not args.services and not args.admin:
+        raise ConfigurationError("name one or more services, or --admin")
+    if args.admin:
+        print(f"{ADMIN}={admin_key(secret).hex()}")
     for service in args.services:
         try:  # names are validated exactly like registrations
             Register(service=service, instance_id="x", incarnation=0, seq=0, address="h:1")
         except ValueError as exc:
             raise ConfigurationError(f"invalid service name {service!r}") from exc
         print(f"{service}={service_key(secret, service).hex()}")
+    return 0
+
+
+async def _cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
+    from pydantic import ValidationError
+
+    from busreg.gateway.server import serve
+    from busreg.settings import GatewaySettings
+    from busreg.wire.models import first_error
+
+    flags: dict[str, Any] = {
+        name: getattr(args, name) for name in ("host", "port") if getattr(args, name) is not None
+    }
+    if args.route:
+        flags["route"] = True
+    # operator pages read Redis: only when asked for, or when a Redis URL is given here
+    if args.operator or getattr(args, "redis_url", None) is not None:
+        flags["operator"] = True
+    try:
+        gateway = GatewaySettings.model_validate(settings.gateway.model_dump() | flags)
+    except ValidationError as exc:
+        where, message = first_error(exc)
+        raise ConfigurationError(f"--{where.split('.')[0]}: {message}") from None
+    await serve(settings.model_copy(update={"gateway": gateway}))
     return 0
 
 
@@ -429,7 +419,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any,
     "status": _cmd_status,
     "deadletters": _cmd_deadletters,
     "keys": _cmd_keys,
+    "set-status": _cmd_set_status,
     "demo": _cmd_demo,
+    "gateway": _cmd_gateway,
 }
 
 

@@ -18,8 +18,14 @@ from busreg.errors import InvalidEvent
 from busreg.server.stats import PartitionStats
 from busreg.settings import Settings
 from busreg.wire.auth import Authorizer
-from busreg.wire.codec import UNAUTHORISED, WRONG_PARTITION, decode_ingest, encode_stored
-from busreg.wire.models import Deregister, Tick
+from busreg.wire.codec import (
+    UNAUTHORISED,
+    WRONG_PARTITION,
+    DecodedEvent,
+    decode_ingest,
+    encode_stored,
+)
+from busreg.wire.models import Deregister, SetStatus, Tick
 from busreg.wire.routing import partition_for
 
 __all__ = ["DEAD_LETTER_BODY_MAX", "BatchEncoder"]
@@ -66,6 +72,23 @@ class BatchEncoder:
         dlx = c.dead_letter_exchange(self._settings.namespace)
         return f"{dlx}{SEP}{reason}{SEP}" + orjson.dumps(record).decode()
 
+    def _override(
+        self, event: SetStatus, decoded: DecodedEvent, offset: int, ts: int
+    ) -> tuple[Any, ...]:
+        """op O: an operator's status override, with the identity the worker verified."""
+        identity = None
+        if self._authorizer is not None:
+            refusal, identity = self._authorizer.check_override(
+                event.service, decoded.payload, decoded.signature, decoded.user_id
+            )
+            if refusal is not None:
+                raise InvalidEvent(UNAUTHORISED, refusal)
+        record = orjson.dumps(
+            {"by": event.by, "identity": identity, "reason": event.reason},
+            option=orjson.OPT_SORT_KEYS,
+        ).decode()
+        return (offset, ts, "O", event.service, event.instance_id, event.status or "", 0, record)
+
     def encode(self, batch: list[tuple[int, int, bytes]]) -> list[Any]:
         args: list[Any] = []
         parts = self._settings.partitions
@@ -92,6 +115,9 @@ class BatchEncoder:
                     raise InvalidEvent(
                         WRONG_PARTITION, f"service {event.service!r} belongs to partition {k}"
                     )
+                if isinstance(event, SetStatus):
+                    args += self._override(event, decoded, offset, ts)
+                    continue
                 if self._authorizer is not None:
                     refusal = self._authorizer.check(
                         event.service, decoded.payload, decoded.signature, decoded.user_id

@@ -189,7 +189,7 @@ class PartitionStore:
         exchange_prefix = c.service_exchange(self.namespace, "")
         known = self._services_of.setdefault(lease.partition, set())
         # every event's service (8 fields per event: op third, service fourth)
-        known.update(svc for op, svc in zip(args[2::8], args[3::8], strict=True) if op != "N")
+        known.update(svc for svc in args[3::8] if svc)
         events = count
         head: list[Any] = [lease.token, max_step_ms, tombstone_ms, exchange_prefix]
         tail: list[Any] = [grace_ms, rebuild_until]
@@ -236,7 +236,9 @@ class PartitionStore:
 
     async def snapshot(self, partition: int, service: str) -> SnapshotRows:
         with translate(f"snapshot of {service}"):
-            keys = self._keys(partition, c.KEY_STATE, c.KEY_REV, c.KEY_SERVICE + service)
+            keys = self._keys(
+                partition, c.KEY_STATE, c.KEY_REV, c.KEY_SERVICE + service, c.KEY_OVERRIDES
+            )
             epoch, rev, rows, rebuilding = await self._snapshot(keys=keys, args=[service])
         instances = [Instance.model_validate_json(r) for r in rows]
         instances.sort(key=lambda i: i.instance_id)

@@ -296,7 +296,7 @@ async def connect_redis(settings: Settings) -> RedisClient:
     else:
         from redis.asyncio.sentinel import Sentinel
 
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis 8.2
             list(sentinel_target.sentinels),
             sentinel_kwargs={
                 "socket_timeout": SENTINEL_TIMEOUT,

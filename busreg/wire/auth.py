@@ -28,8 +28,10 @@ import hmac
 from dataclasses import dataclass
 
 __all__ = [
+    "ADMIN",
     "SIGNATURE_HEX",
     "Authorizer",
+    "admin_key",
     "service_key",
     "sign",
     "split_signed",
@@ -55,6 +57,17 @@ _WORKERS = "~workers"
 def worker_key(secret: bytes) -> bytes:
     """The key workers sign their outage marks with (a Tick with ``outage``)."""
     return service_key(secret, _WORKERS)
+
+
+#: The operators' identity: its key signs status overrides (``busreg set-status``) for any
+#: service, and nothing else. ``busreg keys --admin`` prints it as ``~admin=<hex>``, the form
+#: ``BUSREG_CLIENT__SIGNING_KEYS`` takes.
+ADMIN = "~admin"
+
+
+def admin_key(secret: bytes) -> bytes:
+    """The key operators sign status overrides with, for any service."""
+    return service_key(secret, ADMIN)
 
 
 def sign(key: bytes, payload: bytes) -> bytes:
@@ -98,6 +111,24 @@ class Authorizer:
         if user_id is not None and self.accept_unsigned_amqp:
             return None
         return "unsigned event (sign it with the service key, or publish over AMQP as an owner)"
+
+    def check_override(
+        self, service: str, payload: bytes, signature: bytes | None, user_id: str | None
+    ) -> tuple[str | None, str | None]:
+        """``(refusal, identity)`` of an operator's status override: allowed for whoever may
+        act for the service (its key, or an owner over AMQP), and for the admin key.
+        ``identity`` names who was verified: ``"user:<name>"``, ``"key:<service>"`` or
+        ``"admin-key"``."""
+        if signature is not None and self.secret is not None:
+            expected = hmac.new(admin_key(self.secret), payload, hashlib.sha256)
+            if hmac.compare_digest(expected.hexdigest().encode(), signature):
+                return None, "admin-key"
+        refusal = self.check(service, payload, signature, user_id)
+        if refusal is not None:
+            return refusal, None
+        if signature is not None:
+            return None, f"key:{service}"
+        return None, f"user:{user_id}"
 
     def check_worker(self, payload: bytes, signature: bytes | None) -> str | None:
         """None if a worker signed ``payload`` (an outage mark), else the reason."""

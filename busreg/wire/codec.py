@@ -28,6 +28,7 @@ from busreg.wire.models import (
     Heartbeat,
     Instance,
     Register,
+    SetStatus,
     Tick,
     ingest_adapter,
     validation_message,
@@ -41,7 +42,7 @@ __all__ = [
     "encode_stored",
 ]
 
-Event = Register | Heartbeat | Deregister | Tick
+Event = Register | Heartbeat | Deregister | SetStatus | Tick
 
 # Reason codes (stable: they appear in dead letters and metric labels).
 OVERSIZED = "oversized"
@@ -110,7 +111,10 @@ def encode_stored(event: Register | Heartbeat) -> str:
 def encode_instance(instance: Instance) -> str:
     """Canonical JSON of an instance (sorted keys): the worker compares these strings to
     tell a plain heartbeat (no change, no delta) from a modification."""
-    return orjson.dumps(instance.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS).decode()
+    # without "override": null, as the worker's own JSON (apply.lua adds it only when set)
+    return orjson.dumps(
+        instance.model_dump(mode="json", exclude_none=True), option=orjson.OPT_SORT_KEYS
+    ).decode()
 
 
 def _unwrap_amqp(body: bytes) -> tuple[bytes, str | None]:

@@ -46,9 +46,12 @@ __all__ = [
     "Instance",
     "InstanceStatus",
     "LeaseTiming",
+    "OverrideStatus",
     "Register",
+    "SetStatus",
     "Snapshot",
     "SnapshotRequest",
+    "StatusOverride",
     "Tick",
     "first_error",
     "validation_message",
@@ -205,6 +208,48 @@ class Deregister(BaseModel):
     seq: int = Field(ge=0, lt=2**53)
 
 
+#: The statuses an operator may force (``busreg set-status``); STARTING is the instance's own.
+OverrideStatus = Literal["UP", "DOWN", "OUT_OF_SERVICE"]
+
+
+class SetStatus(BaseModel):
+    """An operator overrides an instance's status, or clears the override (``status=None``),
+    as Eureka's ``PUT .../status?value=OUT_OF_SERVICE`` does::
+
+        SetStatus(service="inventory", instance_id="inv-1", status="OUT_OF_SERVICE",
+                  by="alice", reason="drain before deploy")
+
+    The override holds for the instance's current incarnation: its heartbeats and
+    re-registrations keep it; a restart (new incarnation), a removal or a clear ends it.
+    The instance's own DOWN or STARTING still wins (an operator cannot make a failing
+    instance UP). Authorised like any event of the service, or with the operators' admin
+    key (busreg.wire.auth). Ordered by the partition stream: the last one applied wins."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Version = 1
+    type: Literal["set-status"] = "set-status"
+    service: ServiceName
+    instance_id: InstanceId
+    status: OverrideStatus | None
+    by: str = Field(min_length=1, max_length=128, description="Who set it (operator name).")
+    reason: str = Field("", max_length=256)
+
+
+class StatusOverride(BaseModel):
+    """An operator's override as subscribers see it (``Instance.override``): ``status`` is
+    what was forced, ``at`` broker time in ms, ``identity`` who the worker verified
+    (``"user:<name>"``, ``"key:<service>"``, ``"admin-key"``; None with auth off)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    status: InstanceStatus
+    at: int
+    by: str
+    reason: str = ""
+    identity: str | None = None
+
+
 class Tick(BaseModel):
     """Written by workers into every partition: the watermark (invariant 4).
 
@@ -221,8 +266,12 @@ class Tick(BaseModel):
     outage: bool = False
 
 
-IngestEvent = Annotated[Register | Heartbeat | Deregister | Tick, Field(discriminator="type")]
-ingest_adapter: TypeAdapter[Register | Heartbeat | Deregister | Tick] = TypeAdapter(IngestEvent)
+IngestEvent = Annotated[
+    Register | Heartbeat | Deregister | SetStatus | Tick, Field(discriminator="type")
+]
+ingest_adapter: TypeAdapter[Register | Heartbeat | Deregister | SetStatus | Tick] = TypeAdapter(
+    IngestEvent
+)
 
 
 class Instance(BaseModel):
@@ -238,6 +287,8 @@ class Instance(BaseModel):
     status: InstanceStatus = InstanceStatus.UP
     metadata: dict[str, str] = Field(default_factory=dict)
     ttl: float = c.DEFAULT_TTL
+    #: Set while an operator overrides the status (``status`` is then the effective one).
+    override: StatusOverride | None = None
 
     @property
     def host(self) -> str:

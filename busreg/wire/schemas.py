@@ -13,7 +13,8 @@ Two kinds of contract, two rules:
   the decoder dead-letters an event without ``v`` (``unknown-version``) and picks the event
   class by ``type``.
 * outbound (``instance``, ``delta``, ``snapshot``, ``dead-letter``): what busreg *writes*.
-  The serialization schema with every property required (busreg always writes all of them);
+  The serialization schema with every property required (busreg always writes them all,
+  but for ``override``, written only while set);
   extra properties are allowed, so consumers must ignore fields they do not know.
 """
 
@@ -87,6 +88,11 @@ class DeadLetter(BaseModel):
     )
 
 
+#: Outbound properties busreg writes only when they have a value (an instance's operator
+#: override); every other outbound property is always written, so required.
+WRITTEN_WHEN_SET = frozenset({"override"})
+
+
 def _require(schema: dict[str, Any], names: Sequence[str]) -> None:
     """Add ``names`` to an object schema's ``required`` (keeping pydantic's order)."""
     required: list[str] = list(schema.get("required", []))
@@ -118,7 +124,7 @@ def _model_schema(model: type[BaseModel], mode: Mode) -> dict[str, Any]:
     schema = copy.deepcopy(model.model_json_schema(mode=mode))
     if mode == "serialization":
         for obj in _objects(schema):
-            _require(obj, list(obj["properties"]))
+            _require(obj, [name for name in obj["properties"] if name not in WRITTEN_WHEN_SET])
     return schema
 
 

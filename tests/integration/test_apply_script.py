@@ -572,3 +572,87 @@ async def test_a_new_owner_expires_and_announces_services_it_never_named(
         ("svc-y", 1, 1),
         ("svc-z", 1, 1),
     }
+
+
+# --- operator status overrides (op O) ---------------------------------------------------
+
+
+def override(off: int, ts: int, iid: str, status: str, *, by: str = "alice",
+             reason: str = "drain") -> Event:
+    """An operator's status override ('O'); status '' clears it. Encoded as BatchEncoder."""
+    record = json.dumps({"by": by, "identity": None, "reason": reason}, separators=(",", ":"))
+    return (off, ts, "O", SVC, iid, status, 0, record)
+
+
+async def _deltas(store: PartitionStore) -> list[dict[str, Any]]:
+    raw = await store.redis.lrange(store.prefix(P) + "outbox", 0, -1)
+    return [json.loads(entry.split(US, 2)[2]) for entry in raw]
+
+
+async def test_an_operator_override_holds_until_cleared_restarted_or_removed(
+    store: PartitionStore,
+) -> None:
+    """Issue 15 §2 (as Eureka's overriddenStatus): an override survives heartbeats and
+    re-registrations of the same incarnation, shows in deltas and snapshots with who set it
+    and why, loses to the instance's own DOWN, and ends with a clear, a new incarnation or a
+    removal. A repeated override (a retried publish) announces nothing."""
+    lease = await _lease(store)
+    oos = "OUT_OF_SERVICE"
+    await _apply(store, lease, [up(0, T, "a"), up(1, T, "b")])
+    seen = len(await _deltas(store))
+
+    async def new_deltas() -> list[dict[str, Any]]:
+        nonlocal seen
+        deltas = await _deltas(store)
+        fresh, seen = deltas[seen:], len(deltas)
+        return fresh
+
+    async def shown(iid: str) -> Any:
+        snap = await store.snapshot(P, SVC)
+        return next(i for i in snap.instances if i.instance_id == iid)
+
+    res = await _apply(store, lease, [override(2, T + 10, "a", oos)])
+    assert (res.applied, res.changes) == (1, 1)
+    [delta] = await new_deltas()
+    assert delta["kind"] == "modified"
+    assert delta["instance"]["status"] == oos
+    assert delta["instance"]["override"] == {
+        "status": oos, "at": T + 10, "by": "alice", "identity": None, "reason": "drain"
+    }
+    inst = await shown("a")
+    assert inst.status == oos and inst.override is not None and inst.override.by == "alice"
+    assert (await shown("b")).override is None  # only the instance named
+
+    # heartbeats and a re-registration of the same incarnation keep it
+    res = await _apply(store, lease, [up(3, T + 20, "a", seq=2), override(4, T + 30, "a", oos)])
+    assert res.changes == 0, "a heartbeat or a repeated override announced something"
+    assert (await shown("a")).override.at == T + 10  # type: ignore[union-attr]
+    # its own DOWN wins (an operator cannot hide a failing instance's state)
+    await _apply(store, lease, [up(5, T + 40, "a", seq=3, status=InstanceStatus.DOWN)])
+    [delta] = await new_deltas()
+    assert delta["instance"]["status"] == "DOWN"
+    assert delta["instance"]["override"]["status"] == oos
+    await _apply(store, lease, [up(6, T + 50, "a", seq=4)])
+    assert (await new_deltas())[0]["instance"]["status"] == oos
+
+    # a clear shows its own status again
+    await _apply(store, lease, [override(7, T + 60, "a", "")])
+    [delta] = await new_deltas()
+    assert delta["instance"]["status"] == "UP" and "override" not in delta["instance"]
+
+    # a restart (new incarnation) ends an override
+    await _apply(store, lease, [override(8, T + 70, "a", oos, by="bob", reason="deploy")])
+    assert (await new_deltas())[0]["instance"]["override"]["by"] == "bob"
+    await _apply(store, lease, [up(9, T + 80, "a", inc=2, seq=1)])
+    [delta] = await new_deltas()
+    assert delta["instance"]["status"] == "UP" and "override" not in delta["instance"]
+
+    # an unknown instance: nothing changes; a removal drops the override with the instance
+    res = await _apply(store, lease, [override(10, T + 90, "ghost", oos)])
+    assert (res.stale, res.changes) == (1, 0)
+    await _apply(store, lease, [override(11, T + 100, "b", "DOWN")])
+    await _apply(store, lease, [down(12, T + 110, "b", seq=2)])
+    removed = (await new_deltas())[-1]
+    assert (removed["kind"], removed["reason"]) == ("removed", "deregistered")
+    assert removed["instance"]["override"]["status"] == "DOWN"
+    assert await store.redis.hlen(store.prefix(P) + "ovr") == 0

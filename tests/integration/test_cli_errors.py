@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import aio_pika
 import pytest
 
 from busreg import Registry, Settings, Worker
@@ -108,11 +109,13 @@ async def test_ls_and_watch_of_a_misspelt_service_hint_at_the_name(
     assert hint in watch.stderr
     known = await asyncio.to_thread(_busreg, busreg_namespace, "ls", "inventory")
     assert "never had an instance" not in known.stderr
-    # `watch` declared the misspelt service's exchange, and the namespace cleanup only
-    # knows services that had instances (issue 15 keeps this leak open): remove it here
+    # the exchange `watch` declared for the service that never had an instance is gone
+    # with it (before, each such watch left a durable exchange no cleanup knew of)
     conn = await connect_amqp(busreg_namespace, "test-cleanup")
     try:
         channel = await conn.channel()
-        await channel.exchange_delete(c.service_exchange(busreg_namespace.namespace, "inventroy"))
+        name = c.service_exchange(busreg_namespace.namespace, "inventroy")
+        with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+            await channel.declare_exchange(name, passive=True)
     finally:
         await conn.close()

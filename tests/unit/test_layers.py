@@ -27,12 +27,18 @@ LAYERS: list[set[str]] = [
     {"busreg.callers"},
     {"busreg.integrations"},
     {"busreg.ops"},
-    {"busreg.bench", "busreg.testing", "busreg.pytest_plugin"},
+    {"busreg.bench", "busreg.testing", "busreg.pytest_plugin", "busreg.gateway"},
     {"busreg.ops.cli", "busreg"},
     {"busreg.__main__"},
 ]
 #: Tools: no library package (wire .. integrations) may import them.
-TOOLS = {"busreg.ops", "busreg.bench", "busreg.testing", "busreg.pytest_plugin"}
+TOOLS = {
+    "busreg.ops",
+    "busreg.bench",
+    "busreg.testing",
+    "busreg.pytest_plugin",
+    "busreg.gateway",
+}
 
 
 def _module_name(path: Path) -> str:

@@ -40,6 +40,7 @@ EXPECTED_ALL = [
     "ServiceView",
     "Settings",
     "Snapshot",
+    "StatusOverride",
     "TopologyMissing",
     "Worker",
     "WorkerSettings",

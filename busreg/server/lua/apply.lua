@@ -1,7 +1,7 @@
 -- Apply a batch of ingest events to one partition, atomically (invariants 1-5).
 --
 -- KEYS     the partition's keys, all under one prefix "busreg:{<ns>.<p>}:" (one hash tag:
---          one Cluster slot): state, rev, deadlines, tomb, tombdl, outbox, then s:<svc> of
+--          one Cluster slot): state, rev, deadlines, tomb, tombdl, outbox, ovr, then s:<svc> of
 --          every service the batch names and of every other service the caller knows in
 --          the partition. Redis Cluster only guarantees declared keys (during a slot
 --          migration an undeclared one may already be elsewhere), so the script touches
@@ -19,6 +19,8 @@
 --   op G = an outage mark (a tick from a worker that lost its way to the stream: its
 --          leader moved or its node went away): every writer must find the stream again,
 --          so expiry waits for `grace` ms of partition clock from here, as after a gap
+--   op O = an operator's status override (busreg set-status): version slot = the status
+--          (UP, DOWN, OUT_OF_SERVICE; '' clears), payload = {"by","identity","reason"} JSON
 --
 -- Undeclared services: the script writes nothing it cannot finish. Announcing every
 -- instance (after a failover or a rebuild, decided before anything is written) needs all
@@ -39,6 +41,10 @@
 --   tomb       hash  svc<US>id -> version at removal;  tombdl zset: when to forget it
 --   rev        hash  svc -> revision (grows by one per visible change)
 --   outbox     list  "<exchange><US><routing key><US><body>" awaiting publish
+--   ovr        hash  svc<US>id -> incarnation (20 digits) .. override JSON: an operator's
+--                    status override, as Eureka's overriddenStatus. It survives heartbeats
+--                    and re-registrations of that incarnation; a newer incarnation, a
+--                    removal or a clear drops it. Subscribers see it merged (visible()).
 --
 -- Rebuild after a data loss: acquire.lua marks a partition whose state it had to create
 -- anew (state.rebuild = "pending"); the first batch turns that into the stream offset the
@@ -54,9 +60,10 @@
 -- write to the partition (broker outage); instances need time to reconnect and heartbeat
 -- again, so expiry waits for `grace` ms of partition clock after such a gap.
 local st, revs, dls, tomb, tombdl, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local ovr = KEYS[7]
 local p = string.sub(st, 1, -6)  -- the prefix: KEYS[1] is p .. 'state'
 local declared = {}
-for i = 7, #KEYS do declared[KEYS[i]] = true end
+for i = 8, #KEYS do declared[KEYS[i]] = true end
 local token = ARGV[1]
 local max_step = tonumber(ARGV[2])
 local tomb_ms = tonumber(ARGV[3])
@@ -139,6 +146,26 @@ local function full(service, iid, stored)
   return '{"instance_id":"' .. iid .. '","service":"' .. service .. '",' .. string.sub(stored, 2)
 end
 
+-- What subscribers see of an instance with an operator override: the effective status in
+-- "status" and the override itself in "override". The instance's own DOWN or STARTING
+-- wins over an override (Eureka's DownOrStartingRule: an operator cannot make a failing
+-- instance UP). The stored JSON has sorted keys, so the top-level status follows metadata
+-- at the one place '},"status":"' can occur (inside metadata, '"' is escaped).
+local function visible(service, iid, stored)
+  local j = full(service, iid, stored)
+  local o = redis.call('HGET', ovr, service .. SEP .. iid)
+  if not o then return j end
+  local ojson = string.sub(o, 21)
+  local forced = string.match(ojson, '^{"status":"([A-Z_]+)"')
+  local _, e = string.find(j, '},"status":"', 1, true)
+  local close = string.find(j, '"', e + 1, true)
+  local own = string.sub(j, e + 1, close - 1)
+  if own == 'UP' or own == 'OUT_OF_SERVICE' then
+    j = string.sub(j, 1, e) .. forced .. string.sub(j, close)
+  end
+  return string.sub(j, 1, -2) .. ',"override":' .. ojson .. '}'
+end
+
 local function announce(service, kind, inst, reason)
   if rebuild then return end  -- replaying history: state only (see the header)
   local rev = redis.call('HINCRBY', revs, service, 1)
@@ -156,12 +183,12 @@ end
 
 -- prev: the instance's stored entry (version .. JSON), or false if it has none
 local function remove(service, iid, field, ver, reason, prev)
+  local shown = prev and visible(service, iid, string.sub(prev, VW + 1))
   if prev then redis.call('HDEL', skey(service), iid) end
   redis.call('ZREM', dls, field)
+  redis.call('HDEL', ovr, field)
   forget(field, ver)
-  if prev then
-    announce(service, 'removed', full(service, iid, string.sub(prev, VW + 1)), reason)
-  end
+  if prev then announce(service, 'removed', shown, reason) end
 end
 
 -- every live instance, once, as "added" in the (new) epoch: subscribers converge on it
@@ -172,7 +199,7 @@ local function announce_all()
     local cut = string.find(field, SEP, 1, true)
     local service, iid = string.sub(field, 1, cut - 1), string.sub(field, cut + 1)
     local entry = redis.call('HGET', skey(service), iid)
-    if entry then announce(service, 'added', full(service, iid, string.sub(entry, VW + 1)), nil) end
+    if entry then announce(service, 'added', visible(service, iid, string.sub(entry, VW + 1)), nil) end
   end
 end
 
@@ -237,10 +264,15 @@ for i = 0, n - 1 do
         -- the version changes with every event, so the entry is always rewritten; only a
         -- change of what subscribers see is announced
         redis.call('HSET', sk, iid, ver .. inst)
+        -- a new incarnation (the instance restarted) ends an operator's override
+        local dropped = false
+        if prev and string.sub(ver, 1, 20) > string.sub(prev, 1, 20) then
+          dropped = redis.call('HDEL', ovr, field) == 1
+        end
         if not prev then
-          announce(service, 'added', full(service, iid, inst), nil)
-        elseif string.sub(prev, VW + 1) ~= inst then
-          announce(service, 'modified', full(service, iid, inst), nil)
+          announce(service, 'added', visible(service, iid, inst), nil)
+        elseif dropped or string.sub(prev, VW + 1) ~= inst then
+          announce(service, 'modified', visible(service, iid, inst), nil)
         end
       else
         stale = stale + 1
@@ -264,6 +296,34 @@ for i = 0, n - 1 do
     elseif op == 'G' then
       grace_until = math.max(grace_until, clock + grace)
       marks = marks + 1
+    elseif op == 'O' then
+      -- an operator's override of a live instance (bound to its current incarnation);
+      -- one for an unknown instance changes nothing (the CLI checks and says so)
+      local service, iid, status = ARGV[b + 4], ARGV[b + 5], ARGV[b + 6]
+      local field = service .. SEP .. iid
+      local prev = redis.call('HGET', skey(service), iid)
+      if prev then
+        local old = redis.call('HGET', ovr, field)
+        local stored = string.sub(prev, VW + 1)
+        local before = visible(service, iid, stored)
+        if status == '' then
+          redis.call('HDEL', ovr, field)
+        else
+          -- the record keeps the time of the first of identical overrides (a retried
+          -- publish changes nothing); "at" is broker time (ms), never the client's clock
+          local body = string.sub(ARGV[b + 8], 2)
+          local same = old and string.match(old, '^%d+{"status":"' .. status .. '","at":%d+,(.*)$')
+          if same ~= body or string.sub(old, 1, 20) ~= string.sub(prev, 1, 20) then
+            redis.call('HSET', ovr, field, string.sub(prev, 1, 20) .. '{"status":"' .. status
+              .. '","at":' .. ARGV[b + 2] .. ',' .. body)
+          end
+        end
+        applied = applied + 1
+        local after = visible(service, iid, stored)
+        if after ~= before then announce(service, 'modified', after, nil) end
+      else
+        stale = stale + 1
+      end
     else
       local dead = ARGV[b + 8]
       if dead ~= '' then
