@@ -45,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--amqp-url", help="AMQP URL (env BUSREG_AMQP_URL)")
     common.add_argument("--stream-url", help="stream URL (env BUSREG_STREAM_URL)")
     common.add_argument(
-        "--redis-url", help="Redis URL: worker, status, topology delete (env BUSREG_REDIS_URL)"
+        "--redis-url",
+        help="Redis URL: worker, status, topology delete, demo, bench, gateway --operator "
+        "(env BUSREG_REDIS_URL)",
     )
     common.add_argument("--namespace", help="namespace prefix (env BUSREG_NAMESPACE)")
     common.add_argument(

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import aio_pika
 import pytest
@@ -15,6 +17,8 @@ import pytest
 from busreg import Registry, Settings, Worker
 from busreg import constants as c
 from busreg.transport.connections import connect_amqp
+
+from .helpers import eventually, owners, spawn_worker, stop_process
 
 pytestmark = pytest.mark.servers
 
@@ -119,3 +123,35 @@ async def test_ls_and_watch_of_a_misspelt_service_hint_at_the_name(
             await channel.declare_exchange(name, passive=True)
     finally:
         await conn.close()
+
+
+async def test_a_healthy_start_and_an_idle_stop_log_no_warning(
+    busreg_namespace: Settings, tmp_path: Path
+) -> None:
+    """Issue 15 §5: a fresh worker logged `tick failed: no confirm` for several partitions in
+    its first second, and an idle one's SIGTERM took ~5.5 s with "drain deadline passed;
+    cancelling". A healthy start and an idle stop log no warning (but the auth-off notice),
+    release every partition and exit 0 well within the drain deadline."""
+    log_path = tmp_path / "worker.log"
+    proc = spawn_worker(busreg_namespace, "w-quiet", log_path)
+    try:
+        want = set(range(busreg_namespace.partitions))
+        await eventually(
+            lambda: owners(busreg_namespace),
+            lambda o: {k for k, w in o.items() if w == "w-quiet"} == want,
+            timeout=30,
+            what="every partition owned",
+        )
+        proc.send_signal(signal.SIGTERM)
+        rc = await asyncio.to_thread(proc.wait, 15)
+    finally:
+        stop_process(proc, signal.SIGKILL)
+    text = log_path.read_text()
+    assert rc == 0, text
+    warnings = [
+        line
+        for line in text.splitlines()
+        if (" WARNING " in line or " ERROR " in line) and "auth is OFF" not in line
+    ]
+    assert warnings == [], "\n".join(warnings)
+    assert text.count("partition released") == busreg_namespace.partitions, text
