@@ -161,16 +161,21 @@ DEFAULT_OUTAGE_GRACE = 10.0
 #: goes to a stream that has just lost its leader, and it is retried until confirmed.
 OUTAGE_MARK_TIMEOUT = 1.0
 
+#: Longest lease TTL (seconds). Eureka clients (Spring Cloud, through the gateway's Eureka
+#: API) default to a 90 s lease renewed every 30 s; 120 s admits that with room to spare.
+MAX_TTL = 120.0
 #: Where a worker starts reading a partition that has no committed offset (fresh or lost
 #: Redis): this far back in the stream. Heartbeats carry the whole registration, so one TTL
-#: of history rebuilds every live instance; two leave room for the longest allowed TTL.
-DEFAULT_REPLAY_WINDOW = 120.0
-MAX_TTL = 60.0
+#: of history rebuilds every live instance (and brings back, to expire them, those that died
+#: less than a TTL ago): the longest allowed TTL, plus 30 s for consumer lag and for the
+#: difference between the broker's timestamps and the worker's clock.
+DEFAULT_REPLAY_WINDOW = MAX_TTL + 30.0
 #: Longest heartbeat interval (seconds): a registration must renew well within its TTL.
 MAX_HEARTBEAT_INTERVAL = 30.0
 
 #: Remember a removed instance's (incarnation, sequence) this long, so a late duplicate of
-#: one of its old heartbeats cannot bring it back (no invented state).
+#: one of its old heartbeats (a publisher's retry, a lagging consumer) cannot bring it back
+#: (no invented state): ample for that, and above two of the longest TTL.
 DEFAULT_TOMBSTONE_TTL = 300.0
 
 #: Partition ownership lease. A SIGKILLed worker's partitions are free after this long;
