@@ -19,7 +19,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from busreg import constants as c
 from busreg.errors import ConfigurationError
 
-__all__ = ["AuthSettings", "ClientSettings", "Settings", "StreamEndpoint", "WorkerSettings"]
+__all__ = [
+    "AuthSettings",
+    "ClientSettings",
+    "GatewayAuthSettings",
+    "GatewaySettings",
+    "Settings",
+    "StreamEndpoint",
+    "WorkerSettings",
+]
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,47}$"
 
@@ -136,6 +144,80 @@ class ClientSettings(BaseModel):
         return out
 
 
+class GatewayAuthSettings(BaseModel):
+    """Who may read the gateway (``busreg gateway``): nobody is asked when both are unset.
+
+    ``token`` is a bearer token (``Authorization: Bearer <token>``, or Consul's
+    ``X-Consul-Token`` header, which Prometheus' consul_sd_config sends); ``users`` is a
+    comma-separated ``user:password`` list for HTTP basic auth (what a browser prompts for).
+    """
+
+    token: SecretStr | None = None
+    users: SecretStr | None = None
+
+    @field_validator("users")
+    @classmethod
+    def _check_users(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            _user_pairs(value.get_secret_value())
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return self.token is not None or self.users is not None
+
+    def user_map(self) -> dict[str, str]:
+        """user -> password of ``users``."""
+        return {} if self.users is None else _user_pairs(self.users.get_secret_value())
+
+
+def _user_pairs(value: str) -> dict[str, str]:
+    users: dict[str, str] = {}
+    for item in value.split(","):
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user or not password:
+            # the message must not echo the item: it holds a password
+            raise ValueError("gateway.auth.users must be user:password[,user:password...]")
+        users[user] = password
+    return users
+
+
+class GatewaySettings(BaseModel):
+    """``busreg gateway``: the HTTP API, dashboard and discovery endpoints (docs/gateway.md)."""
+
+    #: Address to bind; the loopback by default: the API has no auth unless configured.
+    host: str = "127.0.0.1"
+    port: int = Field(8500, ge=0, le=65535)
+    #: Seconds between reads of the service list (new services are watched from then on).
+    refresh: float = Field(2.0, gt=0, le=300)
+    #: Recent changes kept in memory (the dashboard's log, SSE resume, /api/v1/changes).
+    changes_kept: int = Field(500, ge=10, le=100_000)
+    #: Mount the edge proxy under /route (busreg.gateway.proxy).
+    route: bool = False
+    #: Operator pages (workers, partitions, dead letters) read Redis like ``busreg status``.
+    operator: bool = False
+    #: Seconds between operator samples (the history keeps the last 10 minutes).
+    operator_interval: float = Field(5.0, ge=0.5, le=300)
+    #: Open SSE streams at most; one more gets 503.
+    max_streams: int = Field(1000, ge=1, le=100_000)
+    #: Events queued per SSE stream; a client that falls this far behind is disconnected.
+    stream_buffer: int = Field(1000, ge=10, le=1_000_000)
+    #: Open connections at most (uvicorn limit_concurrency: more get 503).
+    max_connections: int = Field(2000, ge=10, le=1_000_000)
+    #: Bytes of request line + headers at most (uvicorn h11_max_incomplete_event_size).
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
+    auth: GatewayAuthSettings = GatewayAuthSettings()
+
+    @model_validator(mode="after")
+    def _streams_fit(self) -> GatewaySettings:
+        if self.max_streams >= self.max_connections:
+            raise ValueError(
+                "gateway.max_streams must be below gateway.max_connections: SSE streams "
+                "must leave connections for the API"
+            )
+        return self
+
+
 @dataclass(frozen=True)
 class SentinelTarget:
     """Where Redis is when ``redis_url`` names Sentinels, parsed from
@@ -236,8 +318,9 @@ class StreamEndpoint:
 class Settings(BaseSettings):
     """Everything a worker, a client or the CLI needs to know."""
 
+    # errors never echo what was given: values include URLs with passwords and secrets
     model_config = SettingsConfigDict(
-        env_prefix="BUSREG_", env_nested_delimiter="__", extra="ignore"
+        env_prefix="BUSREG_", env_nested_delimiter="__", extra="ignore", hide_input_in_errors=True
     )
 
     #: One URL, or several separated by commas (the nodes of a cluster): connections go
@@ -263,6 +346,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     client: ClientSettings = ClientSettings()
     auth: AuthSettings = AuthSettings()
+    gateway: GatewaySettings = GatewaySettings()
 
     @field_validator("amqp_url")
     @classmethod

@@ -27,6 +27,11 @@ resolves any host as a service and loads its view on first use. A response carri
 chosen instance in ``response.extensions["busreg.instance"]`` and the number of attempts
 in ``response.extensions["busreg.attempts"]``.
 
+Two request extensions serve callers that are proxies (``busreg.gateway.proxy``):
+``SERVICE_EXTENSION`` names the service when the URL host cannot (httpx lowercases hosts;
+service names may have capitals), and a list under ``ATTEMPT_LOG_EXTENSION`` receives an
+``AttemptRecord`` for every attempt that failed, so the caller can say what failed where.
+
 httpx is an optional dependency (``pip install busreg[http]``); only this module imports it.
 """
 
@@ -52,6 +57,9 @@ from busreg.callers.retry import (
 from busreg.wire.models import Instance
 
 __all__ = [
+    "ATTEMPT_LOG_EXTENSION",
+    "SERVICE_EXTENSION",
+    "AttemptRecord",
     "BalancerFactory",
     "BusregTransport",
     "DeadlineExceeded",
@@ -83,6 +91,10 @@ _BROKEN_CONNECTION: tuple[type[Exception], ...] = (
 
 #: Per-request policy override: ``client.get(url, extensions={POLICY_EXTENSION: policy})``.
 POLICY_EXTENSION = "busreg.policy"
+#: The service to call when it is not the URL host: ``extensions={SERVICE_EXTENSION: "Inv"}``.
+SERVICE_EXTENSION = "busreg.service"
+#: A ``list[AttemptRecord]`` the transport appends every failed attempt of the call to.
+ATTEMPT_LOG_EXTENSION = "busreg.attempt_log"
 
 
 class ViewProvider(Protocol):
@@ -93,6 +105,15 @@ class ViewProvider(Protocol):
 
 #: Builds the balancer of one service from its live view.
 BalancerFactory = Callable[[InstanceSource], LoadBalancer]
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One failed attempt of a call: where it went and why it failed."""
+
+    instance_id: str
+    address: str
+    error: str
 
 
 class DeadlineExceeded(httpx.TimeoutException):
@@ -213,7 +234,7 @@ class BusregTransport(httpx.AsyncBaseTransport):
     # --- requests ------------------------------------------------------------------------------
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        service = request.url.host
+        service = request.extensions.get(SERVICE_EXTENSION) or request.url.host
         if not self._resolves(service):
             return await self._inner.handle_async_request(request)
         policy = request.extensions.get(POLICY_EXTENSION, self.policy)
@@ -257,6 +278,7 @@ class BusregTransport(httpx.AsyncBaseTransport):
         if state.idempotency_key is not None and IDEMPOTENCY_HEADER not in request.headers:
             request.headers[IDEMPOTENCY_HEADER] = state.idempotency_key
         tried: list[str] = []
+        log_to = request.extensions.get(ATTEMPT_LOG_EXTENSION)
         instance = balancer.choose(exclude=tried)
         while True:
             self.stats.attempts += 1
@@ -296,6 +318,15 @@ class BusregTransport(httpx.AsyncBaseTransport):
                 if not state.retryable_status(response.status_code):
                     return self._finish(response, balancer, instance, state)
                 failure = Failure.STATUS
+            if isinstance(log_to, list):
+                what = f"status {response.status_code}" if response is not None else ""
+                log_to.append(
+                    AttemptRecord(
+                        instance.instance_id,
+                        instance.address,
+                        _describe(error) if error is not None else what,
+                    )
+                )
 
             decision = state.decide(failure)
             if decision is not Decision.GIVE_UP and not self.budget.try_withdraw():
@@ -364,6 +395,12 @@ class BusregTransport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+def _describe(exc: Exception) -> str:
+    """``ConnectError: [Errno 111] Connection refused`` (the type says which phase failed)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 async def async_client(

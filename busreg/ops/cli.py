@@ -7,7 +7,7 @@
     busreg watch SERVICE [--json]
     busreg set-status SERVICE INSTANCE OUT_OF_SERVICE --reason "drain" | --clear
     busreg status [--json]
-    busreg demo [--duration 30]
+    busreg demo [--duration 30] [--gateway 8500]
 
 Settings come from ``BUSREG_*`` environment variables; flags override them. Errors print
 one line on stderr and exit with status 1 (2 for bad usage).
@@ -145,6 +145,12 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         help="seconds until it ends by itself (default 30; at least 12 with default timings)",
+    )
+    de.add_argument(
+        "--gateway",
+        type=int,
+        metavar="PORT",
+        help="also run `busreg gateway` (dashboard, HTTP API) on 127.0.0.1:PORT",
     )
 
     gw = sub.add_parser(
@@ -311,7 +317,7 @@ async def _cmd_topology(args: argparse.Namespace, settings: Settings) -> int:
 async def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from busreg.ops.demo import run_demo
 
-    return await run_demo(settings, duration=args.duration)
+    return await run_demo(settings, duration=args.duration, gateway_port=args.gateway)
 
 
 async def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:

@@ -146,9 +146,17 @@ async def _until(
 # --- the story -----------------------------------------------------------------------------------
 
 
-async def run_demo(settings: Settings, *, duration: float = 30.0, out: TextIO | None = None) -> int:
+async def run_demo(
+    settings: Settings,
+    *,
+    duration: float = 30.0,
+    out: TextIO | None = None,
+    gateway_port: int | None = None,
+) -> int:
     """Run the demo on ``settings``' brokers in a fresh namespace; 0 if both figures were
-    measured. Ends after ``duration`` seconds (plus clean-up)."""
+    measured. Ends after ``duration`` seconds (plus clean-up). With ``gateway_port``, a
+    ``busreg gateway`` (dashboard and HTTP API, with the operator pages) runs beside it on
+    127.0.0.1 at that port, and its URL is printed first."""
     out = out or sys.stdout
     need = min_duration(settings)
     if duration < need:
@@ -184,6 +192,12 @@ async def run_demo(settings: Settings, *, duration: float = 30.0, out: TextIO | 
             await apply_topology(conn, settings)
         finally:
             await conn.close()
+        if gateway_port is not None:
+            # a child like the workers: SIGTERMed with them at the end
+            await children.spawn(
+                "demo-gateway", "gateway", "--operator", "--port", str(gateway_port)
+            )
+            print(f"dashboard and HTTP API: http://127.0.0.1:{gateway_port}/", file=out, flush=True)
         redis = await connect_redis(settings)
         try:
             store = PartitionStore(redis, settings.namespace)

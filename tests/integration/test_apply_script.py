@@ -620,7 +620,9 @@ async def test_an_operator_override_holds_until_cleared_restarted_or_removed(
         "status": oos, "at": T + 10, "by": "alice", "identity": None, "reason": "drain"
     }
     inst = await shown("a")
-    assert inst.status == oos and inst.override is not None and inst.override.by == "alice"
+    assert inst.status == oos
+    assert inst.override is not None
+    assert inst.override.by == "alice"
     assert (await shown("b")).override is None  # only the instance named
 
     # heartbeats and a re-registration of the same incarnation keep it
@@ -638,14 +640,16 @@ async def test_an_operator_override_holds_until_cleared_restarted_or_removed(
     # a clear shows its own status again
     await _apply(store, lease, [override(7, T + 60, "a", "")])
     [delta] = await new_deltas()
-    assert delta["instance"]["status"] == "UP" and "override" not in delta["instance"]
+    assert delta["instance"]["status"] == "UP"
+    assert "override" not in delta["instance"]
 
     # a restart (new incarnation) ends an override
     await _apply(store, lease, [override(8, T + 70, "a", oos, by="bob", reason="deploy")])
     assert (await new_deltas())[0]["instance"]["override"]["by"] == "bob"
     await _apply(store, lease, [up(9, T + 80, "a", inc=2, seq=1)])
     [delta] = await new_deltas()
-    assert delta["instance"]["status"] == "UP" and "override" not in delta["instance"]
+    assert delta["instance"]["status"] == "UP"
+    assert "override" not in delta["instance"]
 
     # an unknown instance: nothing changes; a removal drops the override with the instance
     res = await _apply(store, lease, [override(10, T + 90, "ghost", oos)])

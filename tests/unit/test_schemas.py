@@ -119,7 +119,7 @@ def _register_json(**changes: Any) -> dict[str, Any]:
         _register_json(seq=-1),
         _register_json(incarnation=[1]),
         _register_json(address="10.0.0.7"),
-        _register_json(ttl=61),
+        _register_json(ttl=121),  # over MAX_TTL (120 s)
         _register_json(metadata={"k": 1}),
         _register_json(extra="field"),
         {"v": 1, "type": "tick"},
