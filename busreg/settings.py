@@ -9,15 +9,15 @@ Nested groups use ``__``: ``BUSREG_WORKER__TICK_INTERVAL=0.05``.
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import SplitResult, unquote, urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from busreg import constants as c
 from busreg.errors import ConfigurationError
+from busreg.urls import ClusterTarget, SentinelTarget, StreamEndpoint
 
 __all__ = [
     "AuthSettings",
@@ -182,6 +182,36 @@ def _user_pairs(value: str) -> dict[str, str]:
     return users
 
 
+class RoutingSettings(BaseModel):
+    """The gateway's edge proxy (``busreg gateway --route``; docs/gateway-proxy.md describes
+    each field). Service names and the retry policy are checked where they are used
+    (``busreg.gateway.proxy.RouteSettings``, which adds those checks to these fields)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Services whose views are loaded at start (Zuul's eager loading); others on first use.
+    services: list[str] = Field(default_factory=list)
+    only_listed: bool = False  # route to the listed services only
+    host_routing: bool = False  # Host: <service><host_suffix> routes the whole path
+    host_suffix: str = Field("", max_length=200, pattern=r"^(\.[A-Za-z0-9_.-]+)?$")
+    zone: str | None = None  # prefer instances in this zone (ZoneAware)
+    connect_timeout: float = Field(1.0, gt=0, le=60)
+    read_timeout: float = Field(30.0, gt=0, le=3600)  # per read, not per body
+    max_auto_retries: int = Field(0, ge=0, le=5)
+    max_auto_retries_next_server: int = Field(1, ge=0, le=5)
+    retry_with_idempotency_key: bool = True  # retry a POST/PATCH that carries one
+    deadline: float | None = Field(None, gt=0)  # to the response headers; None: worst case
+    retry_budget_ratio: float = Field(0.2, ge=0, le=10)
+    retry_budget_min_per_second: float = Field(10.0, ge=0)
+    replay_buffer: int = Field(64 * 1024, ge=0, le=16 * 1024 * 1024)
+    max_connections: int = Field(512, ge=1)  # to instances, all services
+    max_keepalive_connections: int = Field(64, ge=0)
+    keepalive_expiry: float = Field(5.0, ge=0)
+    max_services: int = Field(256, ge=1)  # views held at most
+    unknown_service_ttl: float = Field(1.0, ge=0)  # a 404 for a name is cached this long
+    trust_forwarded: bool = False  # keep the client's X-Forwarded-* (behind another proxy)
+
+
 class GatewaySettings(BaseModel):
     """``busreg gateway``: the HTTP API, dashboard and discovery endpoints (docs/gateway.md)."""
 
@@ -192,8 +222,9 @@ class GatewaySettings(BaseModel):
     refresh: float = Field(2.0, gt=0, le=300)
     #: Recent changes kept in memory (the dashboard's log, SSE resume, /api/v1/changes).
     changes_kept: int = Field(500, ge=10, le=100_000)
-    #: Mount the edge proxy under /route (busreg.gateway.proxy).
+    #: Mount the edge proxy under /route (busreg.gateway.proxy), configured by ``routing``.
     route: bool = False
+    routing: RoutingSettings = RoutingSettings()
     #: Operator pages (workers, partitions, dead letters) read Redis like ``busreg status``.
     operator: bool = False
     #: Seconds between operator samples (the history keeps the last 10 minutes).
@@ -216,103 +247,6 @@ class GatewaySettings(BaseModel):
                 "must leave connections for the API"
             )
         return self
-
-
-@dataclass(frozen=True)
-class SentinelTarget:
-    """Where Redis is when ``redis_url`` names Sentinels, parsed from
-    ``redis+sentinel://[user:password@]host1:26379,host2:26379/<master name>/<db>``
-    (``rediss+sentinel://`` for TLS to the data nodes). The credentials are the data
-    nodes'; the Sentinels are asked without.
-
-    >>> SentinelTarget.parse("redis+sentinel://a:26379,b:26380/mymaster/2").sentinels
-    (('a', 26379), ('b', 26380))
-    """
-
-    sentinels: tuple[tuple[str, int], ...]
-    master: str
-    db: int
-    username: str | None
-    password: str | None
-    tls: bool
-
-    @classmethod
-    def parse(cls, url: str) -> SentinelTarget:
-        scheme, username, password, sentinels, path = _split_multi_host(
-            url, "sentinel", "redis+sentinel://[user:pw@]h1:26379,h2:26379/master/0"
-        )
-        master, _, db = path.strip("/").partition("/")
-        if not master:
-            raise ValueError("name the Sentinel master: redis+sentinel://h1:26379/<master>/0")
-        if db and not db.isdigit():
-            raise ValueError(f"database {db!r} must be a number")
-        return cls(
-            sentinels=sentinels,
-            master=unquote(master),
-            db=int(db or 0),
-            username=username,
-            password=password,
-            tls=scheme.startswith("rediss"),
-        )
-
-
-@dataclass(frozen=True)
-class ClusterTarget:
-    """Where Redis is when ``redis_url`` names a Redis Cluster, parsed from
-    ``redis+cluster://[user:password@]host1:7001,host2:7002`` (``rediss+cluster://`` for
-    TLS). The nodes are where the client starts: it learns the others, and which master
-    serves which slot, from them. A cluster has database 0 only.
-
-    >>> ClusterTarget.parse("redis+cluster://a:7001,b:7002").nodes
-    (('a', 7001), ('b', 7002))
-    """
-
-    nodes: tuple[tuple[str, int], ...]
-    username: str | None
-    password: str | None
-    tls: bool
-
-    @classmethod
-    def parse(cls, url: str) -> ClusterTarget:
-        scheme, username, password, nodes, path = _split_multi_host(
-            url, "cluster", "redis+cluster://[user:pw@]h1:7001,h2:7002"
-        )
-        if path.strip("/") not in ("", "0"):
-            raise ValueError("a Redis Cluster has database 0 only: leave the path out")
-        return cls(
-            nodes=nodes, username=username, password=password, tls=scheme.startswith("rediss")
-        )
-
-
-def _split_multi_host(
-    url: str, kind: str, shape: str
-) -> tuple[str, str | None, str | None, tuple[tuple[str, int], ...], str]:
-    """(scheme, user, password, ((host, port), ...), path) of a ``redis+<kind>://`` URL."""
-    scheme, _, rest = url.partition("://")
-    if scheme not in (f"redis+{kind}", f"rediss+{kind}") or not rest:
-        raise ValueError(f"must look like {shape}")
-    netloc, _, path = rest.partition("/")
-    userinfo, _, hosts = netloc.rpartition("@")
-    username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
-    addresses = []
-    for item in hosts.split(","):
-        host, _, port = item.strip().rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"{kind} address {item!r} must be host:port")
-        addresses.append((host.strip("[]"), int(port)))
-    return scheme, unquote(username) or None, unquote(password) or None, tuple(addresses), path
-
-
-@dataclass(frozen=True)
-class StreamEndpoint:
-    """Where and how to reach the RabbitMQ stream protocol listener."""
-
-    host: str
-    port: int
-    username: str
-    password: str
-    vhost: str
-    ssl_context: ssl.SSLContext | None
 
 
 class Settings(BaseSettings):

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
 from busreg.callers.http_client import (
     ATTEMPT_LOG_EXTENSION,
@@ -38,7 +38,7 @@ from busreg.callers.http_client import (
 from busreg.callers.retry import IDEMPOTENCY_HEADER, RetryBudget, RetryPolicy
 from busreg.client.registry import Registry
 from busreg.errors import BusregError, ConfigurationError, NoInstanceAvailable
-from busreg.settings import Settings
+from busreg.settings import RoutingSettings, Settings
 from busreg.wire.models import ServiceName
 
 __all__ = ["ProxyStats", "RouteProxy", "RouteSettings"]
@@ -66,31 +66,10 @@ _PLACEHOLDER_HOST = "busreg-service.invalid"
 _service_name: TypeAdapter[str] = TypeAdapter(ServiceName)
 
 
-class RouteSettings(BaseModel):
-    """Settings of the edge proxy (docs/gateway-proxy.md describes each)."""
+class RouteSettings(RoutingSettings):
+    """``settings.gateway.routing`` with the names and the retry policy checked."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    services: list[ServiceName] = Field(default_factory=list, description="Loaded at start")
-    only_listed: bool = False  # route to the listed services only
-    host_routing: bool = False  # Host: <service><host_suffix> routes the whole path
-    host_suffix: str = Field("", max_length=200, pattern=r"^(\.[A-Za-z0-9_.-]+)?$")
-    zone: str | None = None  # prefer instances in this zone (ZoneAware)
-    connect_timeout: float = Field(1.0, gt=0, le=60)
-    read_timeout: float = Field(30.0, gt=0, le=3600)  # per read, not per body
-    max_auto_retries: int = Field(0, ge=0, le=5)
-    max_auto_retries_next_server: int = Field(1, ge=0, le=5)
-    retry_with_idempotency_key: bool = True  # retry a POST/PATCH that carries one
-    deadline: float | None = Field(None, gt=0)  # to the response headers; None: worst case
-    retry_budget_ratio: float = Field(0.2, ge=0, le=10)
-    retry_budget_min_per_second: float = Field(10.0, ge=0)
-    replay_buffer: int = Field(64 * 1024, ge=0, le=16 * 1024 * 1024)
-    max_connections: int = Field(512, ge=1)  # to instances, all services
-    max_keepalive_connections: int = Field(64, ge=0)
-    keepalive_expiry: float = Field(5.0, ge=0)
-    max_services: int = Field(256, ge=1)  # views held at most
-    unknown_service_ttl: float = Field(1.0, ge=0)  # a 404 for a name is cached this long
-    trust_forwarded: bool = False  # keep the client's X-Forwarded-* (behind another proxy)
+    services: list[ServiceName] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _valid_policy(self) -> RouteSettings:
@@ -168,7 +147,7 @@ class _StreamedBody(httpx.AsyncByteStream):
 
 class RouteProxy:
     """ASGI app forwarding ``/<service>/<path>`` to an instance of ``<service>``; ``route``
-    defaults to ``settings.gateway.route`` if that is a model of these fields."""
+    defaults to ``settings.gateway.routing`` (``BUSREG_GATEWAY__ROUTING__*``)."""
 
     def __init__(
         self, registry: Registry, settings: Settings, *, route: RouteSettings | None = None
@@ -456,11 +435,8 @@ class RouteProxy:
 
 
 def _configured(settings: Settings) -> RouteSettings:
-    """``settings.gateway.route`` once the lead moved these fields there; else defaults."""
-    found = getattr(getattr(settings, "gateway", None), "route", None)
-    if isinstance(found, BaseModel):
-        return RouteSettings.model_validate(found.model_dump())
-    return RouteSettings()
+    """``settings.gateway.routing``, checked."""
+    return RouteSettings.model_validate(settings.gateway.routing.model_dump())
 
 
 def _strip(headers: list[tuple[bytes, bytes]], extra: Iterable[bytes]) -> list[tuple[bytes, bytes]]:

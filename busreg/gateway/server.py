@@ -76,7 +76,12 @@ async def serve(settings: Settings, *, operator: bool | None = None) -> None:
         h11_max_incomplete_event_size=gateway.max_header_bytes,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
         server_header=False,
+        # h11, not httptools: its incomplete-event bound is what stops a client that sends
+        # headers for ever (max_header_bytes); the 431 middleware covers complete ones
         http="h11",
+        # the client address is the peer's: X-Forwarded-For from a local client would
+        # otherwise be believed (forwarded_allow_ips defaults to 127.0.0.1)
+        proxy_headers=False,
     )
     server = _Server(config)
     await server.serve()

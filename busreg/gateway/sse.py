@@ -35,6 +35,9 @@ log = logging.getLogger("busreg.gateway.sse")
 PING_INTERVAL = 15.0
 #: What EventSource waits before reconnecting (ms), sent once per stream.
 RETRY_MS = 1000
+#: How long a dashboard stream opened while the gateway starts waits for the first listing
+#: before it is refused with 503 (the page retries).
+LOADING_WAIT = 10.0
 
 
 def frame(event: str, data: bytes, event_id: int | None = None) -> bytes:
@@ -157,6 +160,14 @@ async def dashboard_events(request: Request) -> Response:
     """SSE for the dashboard: the whole state, then every change and operator sample."""
     query(request, NoQuery)
     catalog = catalog_of(request)
+    # The first state must hold the first listing: services it finds are not announced as
+    # changes afterwards (they are what a first state shows), so a page that connected
+    # during the listing would miss them until it reloaded. Wait for it, then say 503.
+    try:
+        async with asyncio.timeout(LOADING_WAIT):
+            await catalog.loaded.wait()
+    except TimeoutError:
+        raise ApiError(503, "the gateway is still loading the catalog; retry") from None
     sub = _subscribe(catalog, None, request)
     state = catalog.state()
     first = [frame("state", orjson.dumps(state), catalog.seq)]

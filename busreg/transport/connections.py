@@ -33,8 +33,9 @@ from busreg.errors import (
     PublishFailed,
     TopologyMissing,
 )
-from busreg.settings import ClusterTarget, Settings, StreamEndpoint
+from busreg.settings import Settings
 from busreg.tasks import close_quietly
+from busreg.urls import ClusterTarget, StreamEndpoint
 
 __all__ = [
     "RedisClient",

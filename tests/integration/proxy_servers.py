@@ -163,7 +163,8 @@ async def gateway(services: list[str]) -> None:
         print(json.dumps({"port": sock.getsockname()[1]}), flush=True)
         try:
             app = Starlette(routes=[Mount("/route", app=proxy)])
-            await uvicorn_server(app).serve(sockets=[sock])
+            # as `busreg gateway` serves: h11, whose header-size bound the gateway relies on
+            await uvicorn_server(app, http="h11", proxy_headers=False).serve(sockets=[sock])
         finally:
             await proxy.close()
 

@@ -168,6 +168,29 @@ async def test_no_failed_request_while_an_instance_is_sigkilled(
     assert {r[1] for r in results[-RATE // 2 :]} == {"inv-2"}
 
 
+async def test_busreg_gateway_route_serves_the_proxy_from_its_settings(
+    busreg_namespace: Settings, worker: Any, tmp_path: Path
+) -> None:
+    """The CLI path: `busreg gateway --route` mounts the proxy under /route with its settings
+    from BUSREG_GATEWAY__ROUTING__* (the listed service loaded at start)."""
+    from .test_gateway_api import gateway_process
+
+    async with instances(busreg_namespace, "echo", "e-1") as _:
+        routing = {"BUSREG_GATEWAY__ROUTING__SERVICES": '["echo"]'}
+        async with (
+            gateway_process(busreg_namespace, tmp_path / "gw.log", "--route", **routing) as gw,
+            httpx.AsyncClient(timeout=5.0) as http,
+        ):
+            reply = await http.get(f"{gw.url}/route/echo/hello?x=1")
+            assert reply.status_code == 200, reply.text
+            body = reply.json()
+            assert (body["instance"], body["path"], body["query"]) == ("e-1", "/hello", "x=1")
+            assert body["headers"]["x-forwarded-prefix"] == "/route/echo"
+            missing = await http.get(f"{gw.url}/route/nope/x")
+            assert missing.status_code == 404
+            assert "nope" in missing.json()["error"]
+
+
 async def test_hop_by_hop_headers_and_x_forwarded(busreg_namespace: Settings, worker: Any) -> None:
     settings = busreg_namespace
     async with (

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2] / "busreg"
 #: Packages on one layer are siblings: they may not import each other.
 LAYERS: list[set[str]] = [
     {"busreg.constants", "busreg.errors"},
+    {"busreg.urls"},
     {"busreg.settings", "busreg.backoff", "busreg.tasks"},
     {"busreg.wire"},
     {"busreg.transport"},

@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from busreg import Settings
-from busreg.settings import ClusterTarget, SentinelTarget
+from busreg.urls import ClusterTarget, SentinelTarget
 
 
 def test_hosts_master_db_and_credentials() -> None:
