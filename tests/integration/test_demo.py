@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import os
 import re
+import socket
 import sys
 
 import aiormq
+import httpx
 import pytest
 
 from busreg import Settings
@@ -30,8 +32,12 @@ async def test_demo_runs_measures_and_cleans_up(busreg_servers: BusregServers) -
     )
     if busreg_servers.stream_url:
         env["BUSREG_STREAM_URL"] = busreg_servers.stream_url
+    with socket.socket() as sock:  # a free port for the dashboard
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "busreg", "demo", "--duration", str(DURATION),
+        "--gateway", str(port),
         env=env,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
@@ -46,8 +52,20 @@ async def test_demo_runs_measures_and_cleans_up(busreg_servers: BusregServers) -
             raw.extend(chunk)
         await proc.wait()
 
+    services: set[str] = set()
+
+    async def dashboard() -> None:
+        """`--gateway`: the dashboard's API shows the demo's services while it runs."""
+        async with httpx.AsyncClient(timeout=2.0) as http:
+            while not {"cart", "inventory"} <= services and proc.returncode is None:
+                with contextlib.suppress(httpx.HTTPError):
+                    reply = await http.get(f"http://127.0.0.1:{port}/api/v1/services")
+                    services.update(s["service"] for s in reply.json()["services"])
+                await asyncio.sleep(0.2)  # polling another process's HTTP API
+
     try:
-        async with asyncio.timeout(DURATION + 45):
+        async with asyncio.timeout(DURATION + 45), asyncio.TaskGroup() as tg:
+            tg.create_task(dashboard())
             await read_all()
     except TimeoutError:
         proc.terminate()  # the demo cleans up on SIGTERM
@@ -61,6 +79,8 @@ async def test_demo_runs_measures_and_cleans_up(busreg_servers: BusregServers) -
             await proc.wait()
     out = raw.decode(errors="replace")
     assert proc.returncode == 0, out
+    assert f"dashboard and HTTP API: http://127.0.0.1:{port}/" in out
+    assert {"cart", "inventory"} <= services, (services, out)
 
     # both figures, in the story's order, and plausible for the default timings
     detection = re.search(r"^detection time: (\d+\.\d+) s \(last heartbeat", out, re.M)
