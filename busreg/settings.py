@@ -22,6 +22,7 @@ from busreg.urls import ClusterTarget, SentinelTarget, StreamEndpoint
 __all__ = [
     "AuthSettings",
     "ClientSettings",
+    "EurekaSettings",
     "GatewayAuthSettings",
     "GatewaySettings",
     "Settings",
@@ -171,15 +172,52 @@ class GatewayAuthSettings(BaseModel):
         return {} if self.users is None else _user_pairs(self.users.get_secret_value())
 
 
-def _user_pairs(value: str) -> dict[str, str]:
+def _user_pairs(value: str, name: str = "gateway.auth.users") -> dict[str, str]:
     users: dict[str, str] = {}
     for item in value.split(","):
         user, sep, password = item.strip().partition(":")
         if not sep or not user or not password:
             # the message must not echo the item: it holds a password
-            raise ValueError("gateway.auth.users must be user:password[,user:password...]")
+            raise ValueError(f"{name} must be user:password[,user:password...]")
         users[user] = password
     return users
+
+
+class EurekaSettings(BaseModel):
+    """The Eureka-compatible API of ``busreg gateway`` (docs/eureka.md).
+
+    ``users`` (``user:password,...``) are HTTP basic-auth users, Spring Cloud's usual
+    ``http://user:pass@host/eureka/``; each may act for the services ``auth.owners`` maps it
+    to (the broker users' mapping), else for the service of its own name. With users, every
+    Eureka request must authenticate; without, reads are open and writes refused unless
+    ``allow_anonymous_writes`` (development only; never in ``auth.mode=enforce``).
+    """
+
+    #: Serve the Eureka API at all.
+    enabled: bool = True
+    #: Where it is mounted (Spring's ``defaultZone`` is ``http://host:port<path>/``).
+    path: str = Field("/eureka", pattern=r"^(/[A-Za-z0-9._-]+)+$")
+    users: SecretStr | None = None
+    allow_anonymous_writes: bool = False
+    #: Seconds of changes ``/apps/delta`` returns (Eureka's retentionTimeInMSInDeltaQueue).
+    delta_window: float = Field(180.0, gt=0, le=3600)
+    #: Seconds a write waits for the live view to show it before answering (read your
+    #: writes: a renewal right after a register finds it); the write stands either way.
+    visible_timeout: float = Field(2.0, ge=0, le=30)
+    #: Largest request body accepted (bytes).
+    max_body: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+
+    @field_validator("users")
+    @classmethod
+    def _check_users(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            _user_pairs(value.get_secret_value(), "gateway.eureka.users")
+        return value
+
+    def user_map(self) -> dict[str, str]:
+        if self.users is None:
+            return {}
+        return _user_pairs(self.users.get_secret_value(), "gateway.eureka.users")
 
 
 class RoutingSettings(BaseModel):
@@ -238,6 +276,8 @@ class GatewaySettings(BaseModel):
     #: Bytes of request line + headers at most (uvicorn h11_max_incomplete_event_size).
     max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
     auth: GatewayAuthSettings = GatewayAuthSettings()
+    #: The Eureka-compatible API (its own basic-auth users; ``auth`` does not apply there).
+    eureka: EurekaSettings = EurekaSettings()
 
     @model_validator(mode="after")
     def _streams_fit(self) -> GatewaySettings:

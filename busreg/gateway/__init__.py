@@ -148,11 +148,20 @@ def create_app(settings: Settings | None = None, *, operator: bool | None = None
                     await proxy.close()
                 await cancel_until_done(tasks)
 
+    table = routes(gateway.route)
+    exempt: tuple[str, ...] = ()
+    if gateway.eureka.enabled:
+        from busreg.gateway.eureka import eureka_mount
+
+        # Eureka clients authenticate as Eureka users (gateway.eureka.users), not with the
+        # gateway's own credentials: the guard leaves that path to the Eureka API
+        table.insert(0, eureka_mount(settings, gateway.eureka))
+        exempt = (gateway.eureka.path,)
     app = Starlette(
-        routes=routes(gateway.route),
+        routes=table,
         middleware=[
             Middleware(HeaderLimit, limit=gateway.max_header_bytes),
-            Middleware(AuthGuard, auth=gateway.auth),
+            Middleware(AuthGuard, auth=gateway.auth, exempt=exempt),
         ],
         exception_handlers={ApiError: api.api_error, HTTPException: api.http_error},
         lifespan=lifespan,

@@ -56,14 +56,18 @@ def allowed(
 class AuthGuard:
     """ASGI middleware: lets through requests with valid credentials (or all when off)."""
 
-    def __init__(self, app: ASGIApp, auth: GatewayAuthSettings) -> None:
+    def __init__(
+        self, app: ASGIApp, auth: GatewayAuthSettings, exempt: tuple[str, ...] = ()
+    ) -> None:
         self.app = app
         self._token = None if auth.token is None else auth.token.get_secret_value()
         self._users = auth.user_map()
         self._on = auth.enabled
+        #: path prefixes with an authentication of their own (the Eureka API)
+        self._exempt = exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self._on or scope["type"] not in ("http", "websocket"):
+        if not self._on or scope["type"] not in ("http", "websocket") or self._is_exempt(scope):
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -92,6 +96,10 @@ class AuthGuard:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+    def _is_exempt(self, scope: Scope) -> bool:
+        path = str(scope.get("path", ""))
+        return any(path == p or path.startswith(p + "/") for p in self._exempt)
 
 
 class HeaderLimit:
