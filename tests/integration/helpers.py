@@ -1,16 +1,21 @@
-"""Helpers for multi-process tests: real worker and registrant processes."""
+"""Helpers for multi-process tests: real worker, registrant and gateway processes."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import httpx
 
 from busreg import Settings
 from busreg.server.store import PartitionStore
@@ -99,3 +104,75 @@ async def delete_service_exchanges(settings: Settings, *services: str) -> None:
             await channel.exchange_delete(c.service_exchange(settings.namespace, service))
     finally:
         await conn.close()
+
+
+# --- gateway processes ----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+@dataclass
+class GatewayProcess:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> int:
+        stop_process(self.proc)
+        return self.proc.returncode
+
+
+def spawn_logged(
+    cmd: list[str], env: dict[str, str], log: Path, **kw: Any
+) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, **kw)
+
+
+@contextlib.asynccontextmanager
+async def gateway_process(
+    settings: Settings, log: Path, *args: str, **env: str
+) -> AsyncIterator[GatewayProcess]:
+    """A real ``busreg gateway`` for ``settings``' namespace on a free port, healthy (200
+    /healthz) before it is yielded; SIGTERMed (and killed if it hangs) afterwards."""
+    port = free_port()
+    environment = settings_env(
+        settings,
+        BUSREG_GATEWAY__PORT=str(port),
+        BUSREG_GATEWAY__REFRESH="0.2",  # new services are watched within 0.2 s
+        **env,
+    )
+    proc = spawn_logged([sys.executable, "-m", "busreg", "gateway", *args], environment, log)
+    gw = GatewayProcess(f"http://127.0.0.1:{port}", proc, log)
+    headers = (
+        {"authorization": f"Bearer {env['BUSREG_GATEWAY__AUTH__TOKEN']}"}
+        if ("BUSREG_GATEWAY__AUTH__TOKEN" in env)
+        else {}
+    )
+    try:
+        async with httpx.AsyncClient(timeout=2.0, headers=headers) as http:
+
+            async def health() -> int:
+                if proc.poll() is not None:
+                    raise AssertionError(f"gateway exited {proc.returncode}:\n{log_tail(log)}")
+                try:
+                    return (await http.get(f"{gw.url}/healthz")).status_code
+                except httpx.TransportError:
+                    return 0
+
+            await eventually(health, lambda code: code == 200, timeout=30, what="gateway ready")
+        yield gw
+    finally:
+        await asyncio.to_thread(stop_process, proc)

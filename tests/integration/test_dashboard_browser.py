@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,7 +39,15 @@ import pytest_asyncio
 
 from busreg import InstanceStatus, Registry, Settings
 
-from .helpers import eventually, owners, settings_env, spawn_worker, stop_process
+from .helpers import (
+    eventually,
+    free_port,
+    log_tail,
+    owners,
+    settings_env,
+    spawn_worker,
+    stop_process,
+)
 
 pytestmark = pytest.mark.servers
 
@@ -74,20 +81,6 @@ def _need_chromium() -> None:
     pytest.skip(missing)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
 @pytest.fixture
 def chromium() -> None:
     _need_chromium()
@@ -103,7 +96,7 @@ async def worker_process(busreg_namespace: Settings, tmp_path: Path) -> AsyncIte
             lambda: owners(busreg_namespace),
             lambda own: all(o == "w1" for o in own.values()),
             timeout=30,
-            what=f"the worker to own every partition; log:\n{_tail(log)}",
+            what=f"the worker to own every partition; log:\n{log_tail(log)}",
         )
         yield
     finally:
@@ -142,7 +135,7 @@ class Gateway:
 
             async def health() -> int:
                 if proc.poll() is not None:
-                    raise AssertionError(f"gateway exited {proc.returncode}:\n{_tail(self.log)}")
+                    raise AssertionError(f"gateway exited {proc.returncode}:\n{log_tail(self.log)}")
                 try:
                     return (await http.get(f"{self.url}/healthz")).status_code
                 except httpx.TransportError:
@@ -155,7 +148,7 @@ class Gateway:
         proc, self.proc = self.proc, None
         if proc is not None:
             await asyncio.to_thread(stop_process, proc)
-            assert proc.returncode == 0, f"gateway exited {proc.returncode}:\n{_tail(self.log)}"
+            assert proc.returncode == 0, f"gateway exited {proc.returncode}:\n{log_tail(self.log)}"
 
 
 @pytest_asyncio.fixture
@@ -163,7 +156,7 @@ async def gateway(
     busreg_namespace: Settings, worker_process: None, tmp_path: Path
 ) -> AsyncIterator[Gateway]:
     """A running gateway (healthz 200) for the test namespace, stopped afterwards."""
-    gw = Gateway(busreg_namespace, _free_port(), tmp_path / "gateway.log")
+    gw = Gateway(busreg_namespace, free_port(), tmp_path / "gateway.log")
     try:
         await gw.start()
         yield gw

@@ -10,13 +10,10 @@ test_eureka_clients.py (the real py-eureka-client).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gzip
 import json
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -33,27 +30,9 @@ from busreg.server.worker import Worker
 from busreg.settings import AuthSettings
 from busreg.testing import running_worker
 
-from .helpers import eventually, settings_env, stop_process
+from .helpers import eventually, gateway_process
 
 pytestmark = pytest.mark.servers
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log)"
-
-
-def spawn(cmd: list[str], env: dict[str, str], log: Path, **kw: Any) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:  # the child keeps its own descriptor
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, **kw)
 
 
 @dataclass
@@ -67,41 +46,18 @@ class Gateway:
 async def eureka_gateway(
     settings: Settings, log: Path, eureka: dict[str, Any] | None = None, **env: str
 ) -> AsyncIterator[Gateway]:
-    """A gateway process for ``settings``' namespace, healthy before it is yielded;
-    SIGTERMed (killed if it hangs) afterwards."""
-    port = free_port()
+    """A ``busreg gateway`` process for ``settings``' namespace, its Eureka API set up with
+    ``BUSREG_GATEWAY__EUREKA__<FIELD>`` from ``eureka`` (default: anonymous writes allowed),
+    healthy before it is yielded; SIGTERMed (killed if it hangs) afterwards."""
     given = {"allow_anonymous_writes": True} if eureka is None else eureka
-    environment = settings_env(
-        settings,
-        BUSREG_GATEWAY__REFRESH="0.2",
-        # the Eureka settings as a user sets them: BUSREG_GATEWAY__EUREKA__<FIELD>
-        **{
-            f"BUSREG_GATEWAY__EUREKA__{key.upper()}": (
-                json.dumps(value) if isinstance(value, bool) else str(value)
-            )
-            for key, value in given.items()
-        },
-        **env,
-    )
-    proc = await asyncio.to_thread(
-        spawn, [sys.executable, "-m", "busreg", "gateway", "--port", str(port)], environment, log
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient(timeout=2.0) as http:
-
-            async def health() -> int:
-                if proc.poll() is not None:
-                    raise AssertionError(f"gateway exited {proc.returncode}:\n{tail(log)}")
-                try:
-                    return (await http.get(f"{base}/healthz")).status_code
-                except httpx.TransportError:
-                    return 0
-
-            await eventually(health, lambda code: code == 200, timeout=30, what="gateway up")
-        yield Gateway(f"{base}/eureka", proc, log)
-    finally:
-        await asyncio.to_thread(stop_process, proc)
+    fields = {
+        f"BUSREG_GATEWAY__EUREKA__{key.upper()}": (
+            json.dumps(value) if isinstance(value, bool) else str(value)
+        )
+        for key, value in given.items()
+    }
+    async with gateway_process(settings, log, **fields, **env) as gw:
+        yield Gateway(f"{gw.url}/eureka", gw.proc, gw.log)
 
 
 def registration(

@@ -31,8 +31,8 @@ from busreg.client.revisions import Change
 from busreg.server.worker import Worker
 from busreg.wire.models import DeltaKind, Deregister
 
-from .helpers import stop_process
-from .test_eureka_api import adopted, body_of, eureka_gateway, registration, tail
+from .helpers import log_tail, stop_process
+from .test_eureka_api import adopted, body_of, eureka_gateway, registration
 
 pytestmark = pytest.mark.servers
 
@@ -99,7 +99,7 @@ class EurekaClient:
             while True:
                 line = await asyncio.to_thread(self.proc.stdout.readline)
                 if not line:
-                    raise AssertionError(f"eureka client exited:\n{tail(self.log)}")
+                    raise AssertionError(f"eureka client exited:\n{log_tail(self.log)}")
                 if line.startswith(b"{"):  # py-eureka-client logs to stdout too
                     answer: dict[str, Any] = json.loads(line)
                     return answer

@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,76 +23,9 @@ from jsonschema import Draft202012Validator
 from busreg import Registry, Settings
 from busreg.server.worker import Worker
 
-from .helpers import eventually, settings_env, stop_process
+from .helpers import GatewayProcess, eventually, gateway_process, log_tail
 
 pytestmark = pytest.mark.servers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log)"
-
-
-@dataclass
-class GatewayProcess:
-    url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def stop(self) -> int:
-        stop_process(self.proc)
-        return self.proc.returncode
-
-
-def _spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:  # the child keeps its own descriptor
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-@contextlib.asynccontextmanager
-async def gateway_process(
-    settings: Settings, log: Path, *args: str, **env: str
-) -> AsyncIterator[GatewayProcess]:
-    """A real ``busreg gateway`` for ``settings``' namespace on a free port, healthy (200
-    /healthz) before it is yielded; SIGTERMed (and killed if it hangs) afterwards."""
-    port = free_port()
-    environment = settings_env(
-        settings,
-        BUSREG_GATEWAY__PORT=str(port),
-        BUSREG_GATEWAY__REFRESH="0.2",  # new services are watched within 0.2 s
-        **env,
-    )
-    proc = _spawn([sys.executable, "-m", "busreg", "gateway", *args], environment, log)
-    gw = GatewayProcess(f"http://127.0.0.1:{port}", proc, log)
-    headers = (
-        {"authorization": f"Bearer {env['BUSREG_GATEWAY__AUTH__TOKEN']}"}
-        if ("BUSREG_GATEWAY__AUTH__TOKEN" in env)
-        else {}
-    )
-    try:
-        async with httpx.AsyncClient(timeout=2.0, headers=headers) as http:
-
-            async def health() -> int:
-                if proc.poll() is not None:
-                    raise AssertionError(f"gateway exited {proc.returncode}:\n{tail(log)}")
-                try:
-                    return (await http.get(f"{gw.url}/healthz")).status_code
-                except httpx.TransportError:
-                    return 0
-
-            await eventually(health, lambda code: code == 200, timeout=30, what="gateway ready")
-        yield gw
-    finally:
-        await asyncio.to_thread(stop_process, proc)
 
 
 class Events:
@@ -334,7 +263,7 @@ async def test_auth_guard(
         for how in allowed:
             assert (await http.get("/api/v1/services", **how)).status_code == 200, how
         # the secrets never reach the log
-        log = tail(gw.log, 400)
+        log = log_tail(gw.log, 400)
         assert token not in log
         assert "wonder" not in log
 
@@ -359,9 +288,9 @@ async def test_stream_bound_and_clean_sigterm_with_streams_open(
         # SIGTERM with two streams open: they end, the process exits 0, quickly
         began = time.monotonic()
         code = await asyncio.to_thread(gw.stop)
-        assert code == 0, tail(gw.log)
+        assert code == 0, log_tail(gw.log)
         assert time.monotonic() - began < 5, "open streams held the shutdown"
-    assert "Application shutdown complete" in tail(gw.log)
+    assert "Application shutdown complete" in log_tail(gw.log)
 
 
 async def test_create_app_mounts_in_another_starlette_app(

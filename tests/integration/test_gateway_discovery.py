@@ -20,8 +20,7 @@ import pytest
 from busreg import InstanceStatus, Registry, Settings
 from busreg.server.worker import Worker
 
-from .helpers import eventually
-from .test_gateway_api import GatewayProcess, gateway_process
+from .helpers import GatewayProcess, eventually, gateway_process
 
 pytestmark = pytest.mark.servers
 

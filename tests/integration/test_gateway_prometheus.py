@@ -27,8 +27,7 @@ import pytest
 
 from busreg import Registry, Settings, Worker
 
-from .helpers import eventually, stop_process
-from .test_gateway_api import free_port, gateway_process, tail
+from .helpers import eventually, free_port, gateway_process, log_tail, stop_process
 
 pytestmark = pytest.mark.servers
 
@@ -85,7 +84,7 @@ scrape_configs:
 
             async def ready() -> int:
                 if proc.poll() is not None:
-                    raise AssertionError(f"prometheus exited {proc.returncode}:\n{tail(log)}")
+                    raise AssertionError(f"prometheus exited {proc.returncode}:\n{log_tail(log)}")
                 try:
                     return (await http.get(f"{base}/-/ready")).status_code
                 except httpx.TransportError:

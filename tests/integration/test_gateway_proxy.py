@@ -36,10 +36,11 @@ from starlette.routing import Mount
 from busreg import InstanceStatus, Registry, Settings
 from busreg.gateway.proxy import RouteProxy, RouteSettings
 
-from .helpers import eventually, owners, spawn_worker, stop_process
+from .helpers import eventually, gateway_process, owners, spawn_worker, stop_process
 from .proxy_servers import BLOCK, CHUNK, RATE, Child, listen, start_child, uvicorn_server
 
 pytestmark = pytest.mark.servers
+
 
 @pytest.fixture
 def worker(busreg_namespace: Settings, tmp_path: Path) -> Any:
@@ -173,8 +174,6 @@ async def test_busreg_gateway_route_serves_the_proxy_from_its_settings(
 ) -> None:
     """The CLI path: `busreg gateway --route` mounts the proxy under /route with its settings
     from BUSREG_GATEWAY__ROUTING__* (the listed service loaded at start)."""
-    from .test_gateway_api import gateway_process
-
     async with instances(busreg_namespace, "echo", "e-1") as _:
         routing = {"BUSREG_GATEWAY__ROUTING__SERVICES": '["echo"]'}
         async with (
