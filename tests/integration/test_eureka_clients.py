@@ -2,9 +2,10 @@
 
 A client process registers and heartbeats; a second one (discovery only) and a native
 ``ServiceView`` see it; it registers again by itself after the instance is removed behind
-its back (404 → register); its ``do_service`` reaches a natively registered HTTP server; a
-cancel and a SIGKILLed client are announced (the latter at its lease + at most 1 s).
-Also measures the figures in docs/eureka.md (printed with -s).
+its back (404 → register), and stays registered when Redis loses the namespace's state;
+its ``do_service`` reaches a natively registered HTTP server; a cancel and a SIGKILLed
+client are announced (the latter at its lease + at most 1 s). Also measures the figures
+in docs/eureka.md (printed with -s).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ import pytest
 
 from busreg import Registry
 from busreg.client.revisions import Change
+from busreg.server.store import PartitionStore
 from busreg.server.worker import Worker
+from busreg.transport.connections import connect_redis
 from busreg.wire.models import DeltaKind, Deregister
 
 from .helpers import log_tail, stop_process
@@ -195,6 +198,16 @@ async def test_py_eureka_client(
             back = await next_change(changes, DeltaKind.ADDED, "a-1", timeout=10)
             assert back.instance.incarnation > instance.incarnation
             assert gone.reason == "deregistered"
+            # Redis loses every key of the namespace: the worker rebuilds from the stream
+            # (a new epoch), and the Eureka client, which did nothing, is still registered
+            old_epoch = view.epoch
+            redis = await connect_redis(settings)
+            try:
+                await PartitionStore(redis, settings.namespace).purge(settings.partitions)
+            finally:
+                await redis.aclose()
+            await view.wait_for(lambda i: view.epoch != old_epoch and "a-1" in i, timeout=20)
+            await until_apps(b, "ORDERS-PY", ["a-1"], timeout=10)
             # a cancel (py-eureka-client's stop: a DOWN registration, then DELETE)
             assert await a.ask("stop") == {"stopped": True}
             removed = await next_change(changes, DeltaKind.REMOVED, "a-1", timeout=10)
