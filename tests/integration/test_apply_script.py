@@ -220,6 +220,24 @@ ROWS: dict[str, Row] = {
             S(tick(11, T + 607_001), result={"expired": 1}, live=set(), revision=4),
         ],
     ),
+    "gap-without-leases": Row(
+        "4 (both ways): a gap, or an outage mark, while the partition has no live lease opens "
+        "no grace: no instance missed a renewal. A grace opened then held back the expiry of "
+        "instances registered just after a worker start (test_takeover_expiry saw 9.5 s)",
+        [
+            S(tick(0, T), tick(1, T + 5_000), note="5 s gap, nothing registered",
+              clock=T + 1_000, grace_until=0, result={"expired": 0}),
+            S(mark(2, T + 5_100), note="an outage mark, nothing registered",
+              clock=T + 1_100, grace_until=0),
+            S(up(3, T + 5_200, "a"), note="clock T + 1,200: deadline T + 4,200", live={"a"}),
+            S(tick(4, T + 6_200), tick(5, T + 7_200), tick(6, T + 8_100), tick(7, T + 8_201),
+              note="past its deadline: expired, no grace in the way",
+              clock=T + 4_201, result={"expired": 1}, live=set(),
+              outbox=[("added", 1, None, "a"), ("removed", 2, "expired", "a")]),
+            S(up(8, T + 8_300, "b"), tick(9, T + 10_000), note="with b live, a gap opens one",
+              clock=T + 5_300, grace_until=T + 4_300 + 1_000 + GRACE_MS),
+        ],
+    ),
     "outage-mark": Row(
         "4 no false expiry: an outage mark (a worker lost its way to the stream: its leader "
         "moved) opens the grace from the clock where it lands, with no gap in the clock: "

@@ -58,7 +58,8 @@
 -- max_step per event: it is a watermark of what was read, so a lagging worker or a broker
 -- outage never expires a healthy instance (invariant 4). A larger jump means nobody could
 -- write to the partition (broker outage); instances need time to reconnect and heartbeat
--- again, so expiry waits for `grace` ms of partition clock after such a gap.
+-- again, so expiry waits for `grace` ms of partition clock after such a gap, if the
+-- partition had live leases then (with none, no instance missed a renewal).
 local st, revs, dls, tomb, tombdl, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local ovr = KEYS[7]
 local p = string.sub(st, 1, -6)  -- the prefix: KEYS[1] is p .. 'state'
@@ -236,7 +237,10 @@ for i = 0, n - 1 do
       local step = ts - last_ts
       if step > max_step then
         step = max_step
-        grace_until = clock + step + grace
+        -- the grace is for leases that could not be renewed across the gap; with none
+        -- live there is nothing to wait for (a fresh or quiet partition: a grace opened
+        -- then would hold back the expiry of instances that register after it)
+        if redis.call('ZCARD', dls) > 0 then grace_until = clock + step + grace end
       end
       clock, last_ts = clock + step, ts
     end
@@ -294,7 +298,7 @@ for i = 0, n - 1 do
         end
       end
     elseif op == 'G' then
-      grace_until = math.max(grace_until, clock + grace)
+      if redis.call('ZCARD', dls) > 0 then grace_until = math.max(grace_until, clock + grace) end
       marks = marks + 1
     elseif op == 'O' then
       -- an operator's override of a live instance (bound to its current incarnation);
