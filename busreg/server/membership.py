@@ -24,6 +24,12 @@ __all__ = ["Membership", "Owned"]
 log = logging.getLogger("busreg.worker")
 T = TypeVar("T")
 
+#: How often the live set is read (one small Lua call that also refreshes our membership).
+#: It bounds how long a released partition stays unowned: a worker that leaves (SIGTERM)
+#: releases its leases at once, and the others take them when they next see the live set
+#: without it. Renewals of held leases go every third of the lease, not this often.
+MEMBERSHIP_INTERVAL = 0.1
+
 
 class Owned:
     """A partition this worker holds: its runner, the runner's task, and handover state."""
@@ -40,8 +46,9 @@ class Owned:
 
 
 class Membership:
-    """Every ``lease_ttl / 3``: refresh this worker in the live set and renew every lease in
-    ``owned`` (the worker's own dict, read each round), side by side."""
+    """Every ``MEMBERSHIP_INTERVAL``: refresh this worker in the live set and read it; every
+    ``lease_ttl / 3`` also renew every lease in ``owned`` (the worker's own dict, read each
+    round), side by side."""
 
     def __init__(
         self, settings: Settings, store: PartitionStore, worker_id: str, owned: dict[int, Owned]
@@ -72,23 +79,28 @@ class Membership:
         lease_ms = int(lease_ttl * 1000)
         failures = RetryLog(log, f"membership/lease renewal of {self._worker_id}")
         loop = asyncio.get_running_loop()
+        poll = min(MEMBERSHIP_INTERVAL, every)
+        renew_at = loop.time()
         while True:
             started = loop.time()
-            errors = await self._round(lease_ms, timeout=bound)
+            renew = started >= renew_at
+            if renew:
+                renew_at = started + every
+            errors = await self._round(lease_ms, timeout=bound, renew=renew)
             if errors:
                 failures.failed(errors[0])  # a streak is logged once
             else:
                 failures.recovered()
             # a periodic timer (cancelled by the worker), not synchronisation
-            await asyncio.sleep(max(0.0, started + every - loop.time()))
+            await asyncio.sleep(max(0.0, started + poll - loop.time()))
 
-    async def _round(self, lease_ms: int, timeout: float) -> list[BusregError]:
+    async def _round(self, lease_ms: int, timeout: float, renew: bool) -> list[BusregError]:
         """One round: heartbeat and every renewal side by side, each bounded by ``timeout``.
 
         Both are idempotent (a lost reply leaves membership or the lease refreshed, which
         is what a retry would do), so a failed one is simply made again next round."""
         store = self._store
-        owned = [(k, o) for k, o in self._owned.items() if not o.lost]
+        owned = [(k, o) for k, o in self._owned.items() if not o.lost] if renew else []
 
         async def bounded(what: str, call: Awaitable[T]) -> T:
             try:

@@ -56,9 +56,9 @@ __all__ = ["Worker", "WorkerStatus"]
 
 log = logging.getLogger("busreg.worker")
 
-#: How often the control loop looks at membership and free partitions. It bounds how long a
-#: released partition (SIGTERM, rebalancing) stays unowned, so it is short; each round is one
-#: small Lua call, plus renewals every third of the lease.
+#: How often the control loop looks at the live set (read every MEMBERSHIP_INTERVAL by the
+#: membership task) and free partitions. With it, that bounds how long a released partition
+#: (SIGTERM, rebalancing) stays unowned, so it is short; a round makes no Redis call.
 CONTROL_INTERVAL = 0.1
 
 
