@@ -203,8 +203,15 @@ async def run_demo(
             store = PartitionStore(redis, settings.namespace)
             try:
                 # the story keeps its own schedule; this only bounds a hung broker call
-                async with asyncio.timeout(duration + STORY_GRACE):
-                    ok = await _story(board, store, children, stop, out, tty)
+                story = asyncio.current_task()
+                watchdog = asyncio.get_running_loop().call_later(
+                    duration + STORY_GRACE - 1, _report_stuck, story, out
+                )
+                try:
+                    async with asyncio.timeout(duration + STORY_GRACE):
+                        ok = await _story(board, store, children, stop, out, tty)
+                finally:
+                    watchdog.cancel()
             except TimeoutError:
                 print(f"the demo overran {duration:g}s by {STORY_GRACE:g}s; stopping", file=out)
         finally:
@@ -231,6 +238,26 @@ async def run_demo(
         else:
             print(f"process logs kept in {logdir}", file=out, flush=True)
     return 0 if ok else 1
+
+
+def _report_stuck(story: asyncio.Task[Any] | None, out: TextIO) -> None:
+    """Just before the story is cut short: where it and the tasks it waits for are stuck
+    (the await chain of each pending task), so an overrun says what it was waiting on."""
+    lines = ["the demo is about to overrun; pending tasks and where each waits:"]
+    for task in asyncio.all_tasks():
+        if task.done():
+            continue
+        chain: list[str] = []
+        coro: Any = task.get_coro()
+        while coro is not None and len(chain) < 12:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+            if frame is not None:
+                where = f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}"
+                chain.append(f"{frame.f_code.co_name} ({where})")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+        mark = " (the story)" if task is story else ""
+        lines.append(f"  {task.get_name()}{mark}: " + " -> ".join(chain))
+    print("\n".join(lines), file=out, flush=True)
 
 
 def _where(settings: Settings) -> str:

@@ -18,7 +18,8 @@ from busreg import constants as c
 from busreg.testing import BusregServers
 from busreg.transport.connections import connect_amqp, connect_redis
 
-pytestmark = pytest.mark.servers
+# the demo is a 20 s story with timing figures: it runs on its own, with the long scenarios
+pytestmark = [pytest.mark.servers, pytest.mark.soak]
 
 DURATION = 20
 
