@@ -11,6 +11,7 @@ import base64
 import binascii
 import hmac
 import logging
+from collections.abc import Sequence
 
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -53,6 +54,16 @@ def allowed(
     return False
 
 
+async def json_reply(
+    send: Send, status: int, body: dict[str, str], headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    """A whole JSON answer from middleware (no app behind it answers)."""
+    data = orjson.dumps(body)
+    start = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": start + list(headers)})
+    await send({"type": "http.response.body", "body": data})
+
+
 class AuthGuard:
     """ASGI middleware: lets through requests with valid credentials (or all when off)."""
 
@@ -83,19 +94,8 @@ class AuthGuard:
         challenge = (
             b'Basic realm="busreg", charset="UTF-8"' if self._users else b'Bearer realm="busreg"'
         )
-        body = orjson.dumps({"error": "authentication required: give the gateway's credentials"})
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", challenge),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        error = "authentication required: give the gateway's credentials"
+        await json_reply(send, 401, {"error": error}, [(b"www-authenticate", challenge)])
 
     def _is_exempt(self, scope: Scope) -> bool:
         path = str(scope.get("path", ""))
@@ -115,19 +115,7 @@ class HeaderLimit:
         if scope["type"] == "http":
             size = sum(len(k) + len(v) + 4 for k, v in scope["headers"])
             if size > self.limit:
-                body = orjson.dumps(
-                    {"error": f"request headers too large ({size} bytes; at most {self.limit})"}
-                )
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 431,
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
+                error = f"request headers too large ({size} bytes; at most {self.limit})"
+                await json_reply(send, 431, {"error": error})
                 return
         await self.app(scope, receive, send)

@@ -23,8 +23,10 @@ from busreg.wire.models import Instance
 __all__ = ["ApplyResult", "Lease", "PartitionStore", "ServiceRow", "SnapshotRows"]
 
 
-def _script(name: str) -> str:
-    return (files("busreg.server") / "lua" / f"{name}.lua").read_text()
+def _script(name: str, *shared: str) -> str:
+    """A Lua script's text, with the ``shared`` fragments (their local functions) in front."""
+    lua = files("busreg.server") / "lua"
+    return "".join((lua / f"{part}.lua").read_text() for part in (*shared, name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +95,12 @@ class PartitionStore:
     def __init__(self, redis: RedisClient, namespace: str) -> None:
         self.redis = redis
         self.namespace = namespace
-        self._apply: AsyncScript = redis.register_script(_script("apply"))
+        self._apply: AsyncScript = redis.register_script(_script("apply", "override"))
         self._acquire: AsyncScript = redis.register_script(_script("acquire"))
         self._renew: AsyncScript = redis.register_script(_script("renew"))
         self._release: AsyncScript = redis.register_script(_script("release"))
         self._outbox: AsyncScript = redis.register_script(_script("outbox"))
-        self._snapshot: AsyncScript = redis.register_script(_script("snapshot"))
+        self._snapshot: AsyncScript = redis.register_script(_script("snapshot", "override"))
         self._services: AsyncScript = redis.register_script(_script("services"))
         self._workers: AsyncScript = redis.register_script(_script("workers"))
         self._leave: AsyncScript = redis.register_script(_script("leave"))

@@ -147,24 +147,13 @@ local function full(service, iid, stored)
   return '{"instance_id":"' .. iid .. '","service":"' .. service .. '",' .. string.sub(stored, 2)
 end
 
--- What subscribers see of an instance with an operator override: the effective status in
--- "status" and the override itself in "override". The instance's own DOWN or STARTING
--- wins over an override (Eureka's DownOrStartingRule: an operator cannot make a failing
--- instance UP). The stored JSON has sorted keys, so the top-level status follows metadata
--- at the one place '},"status":"' can occur (inside metadata, '"' is escaped).
+-- What subscribers see of an instance: with its operator override merged, if it has one
+-- (with_override: override.lua, put in front of this script by the store)
 local function visible(service, iid, stored)
   local j = full(service, iid, stored)
   local o = redis.call('HGET', ovr, service .. SEP .. iid)
   if not o then return j end
-  local ojson = string.sub(o, 21)
-  local forced = string.match(ojson, '^{"status":"([A-Z_]+)"')
-  local _, e = string.find(j, '},"status":"', 1, true)
-  local close = string.find(j, '"', e + 1, true)
-  local own = string.sub(j, e + 1, close - 1)
-  if own == 'UP' or own == 'OUT_OF_SERVICE' then
-    j = string.sub(j, 1, e) .. forced .. string.sub(j, close)
-  end
-  return string.sub(j, 1, -2) .. ',"override":' .. ojson .. '}'
+  return with_override(j, o)
 end
 
 local function announce(service, kind, inst, reason)

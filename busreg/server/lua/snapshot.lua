@@ -2,9 +2,9 @@
 -- hash, KEYS[2] its rev hash, KEYS[3] the service's hash s:<svc>, KEYS[4] the partition's
 -- operator overrides (ovr); ARGV[1] service.
 -- Entries are version (36 bytes) .. stored JSON (no service, instance_id: see apply.lua);
--- subscribers get the full instance JSON, with an override merged as apply.lua's
--- visible() does. The 4th element is 1 while the partition has no state yet or is
--- rebuilding it (apply.lua): what it holds then is not the registry's.
+-- subscribers get the full instance JSON, with an override merged (override.lua). The 4th
+-- element is 1 while the partition has no state yet or is rebuilding it (apply.lua): what
+-- it holds then is not the registry's.
 local service = ARGV[1]
 local VW = 36  -- version width, as in apply.lua
 local SEP = '\31'
@@ -19,17 +19,7 @@ for i = 1, #all, 2 do
   local j = '{"instance_id":"' .. all[i] .. '","service":"' .. service .. '",'
     .. string.sub(all[i + 1], VW + 2)  -- past the version and the stored JSON's '{'
   local o = overrides and redis.call('HGET', KEYS[4], service .. SEP .. all[i])
-  if o then
-    local ojson = string.sub(o, 21)
-    local forced = string.match(ojson, '^{"status":"([A-Z_]+)"')
-    local _, e = string.find(j, '},"status":"', 1, true)
-    local close = string.find(j, '"', e + 1, true)
-    local own = string.sub(j, e + 1, close - 1)
-    if own == 'UP' or own == 'OUT_OF_SERVICE' then
-      j = string.sub(j, 1, e) .. forced .. string.sub(j, close)
-    end
-    j = string.sub(j, 1, -2) .. ',"override":' .. ojson .. '}'
-  end
+  if o then j = with_override(j, o) end  -- override.lua, in front of this script
   out[#out + 1] = j
 end
 return {epoch, rev, out, rebuilding}
