@@ -162,17 +162,28 @@ async def gateway_process(
         else {}
     )
     try:
-        async with httpx.AsyncClient(timeout=2.0, headers=headers) as http:
-
-            async def health() -> int:
-                if proc.poll() is not None:
-                    raise AssertionError(f"gateway exited {proc.returncode}:\n{log_tail(log)}")
-                try:
-                    return (await http.get(f"{gw.url}/healthz")).status_code
-                except httpx.TransportError:
-                    return 0
-
-            await eventually(health, lambda code: code == 200, timeout=30, what="gateway ready")
+        await until_ok(proc, f"{gw.url}/healthz", log, "gateway", headers)
         yield gw
     finally:
         await asyncio.to_thread(stop_process, proc)
+
+
+async def until_ok(
+    proc: subprocess.Popen[bytes],
+    url: str,
+    log: Path,
+    what: str,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Until ``url`` answers 200 (a server process starting); its log if it exits first."""
+    async with httpx.AsyncClient(timeout=2.0, headers=headers) as http:
+
+        async def status() -> int:
+            if proc.poll() is not None:
+                raise AssertionError(f"{what} exited {proc.returncode}:\n{log_tail(log)}")
+            try:
+                return (await http.get(url)).status_code
+            except httpx.TransportError:
+                return 0
+
+        await eventually(status, lambda code: code == 200, timeout=30, what=f"{what} ready")

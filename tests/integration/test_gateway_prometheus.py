@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import pytest
 
 from busreg import Registry, Settings, Worker
 
-from .helpers import eventually, free_port, gateway_process, log_tail, stop_process
+from .helpers import eventually, free_port, gateway_process, spawn_logged, stop_process, until_ok
 
 pytestmark = pytest.mark.servers
 
@@ -40,11 +39,6 @@ def _need_prometheus() -> None:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
-
-
-def _spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:  # the child keeps its own descriptor
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
 
 
 @contextlib.asynccontextmanager
@@ -69,28 +63,19 @@ scrape_configs:
     port = free_port()
     log = tmp_path / "prometheus.log"
     proc = await asyncio.to_thread(
-        _spawn,
+        spawn_logged,
         [
             PROMETHEUS,
             f"--config.file={config}",
             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
             f"--web.listen-address=127.0.0.1:{port}",
         ],
+        dict(os.environ),
         log,
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        async with httpx.AsyncClient(timeout=2.0) as http:
-
-            async def ready() -> int:
-                if proc.poll() is not None:
-                    raise AssertionError(f"prometheus exited {proc.returncode}:\n{log_tail(log)}")
-                try:
-                    return (await http.get(f"{base}/-/ready")).status_code
-                except httpx.TransportError:
-                    return 0
-
-            await eventually(ready, lambda code: code == 200, timeout=30, what="prometheus")
+        await until_ok(proc, f"{base}/-/ready", log, "prometheus")
         yield base
     finally:
         await asyncio.to_thread(stop_process, proc)
