@@ -50,6 +50,11 @@ def rpc_queue(namespace: str) -> str:
     return f"{namespace}.rpc"
 
 
+def worker_notice_queue(namespace: str, worker: str) -> str:
+    """A worker's own exclusive queue for notices from its peers (server/notices.py)."""
+    return f"{namespace}.worker.{worker}"
+
+
 def dead_letter_exchange(namespace: str) -> str:
     """Fanout exchange receiving every event a worker could not apply, with its reason."""
     return f"{namespace}.deadletter"
@@ -80,6 +85,7 @@ KEY_STATE = "state"  # hash: fence, epoch, offset, last_ts, clock, counters
 KEY_LEASE = "lease"  # string "<worker>|<token>" with PX expiry on Redis' clock
 KEY_OUTBOX = "outbox"  # list of pending deltas / dead letters, drained with confirms
 KEY_WORKERS = "workers"  # zset worker id -> membership deadline (Redis ms), cluster prefix
+KEY_BUSY = "busy"  # set of partitions with live leases (standbys tick those), cluster prefix
 KEY_REV = "rev"  # hash: service -> revision
 KEY_DEADLINES = "deadlines"  # zset svc<US>id -> lease deadline on the partition clock
 KEY_TOMB = "tomb"  # hash svc<US>id -> version at removal
@@ -134,9 +140,11 @@ GROUP_QUEUE_MAX = 100_000
 DEFAULT_HEARTBEAT_INTERVAL = 1.0
 DEFAULT_TTL = 3.0
 
-#: The owner writes a tick into a quiet partition this often. Ticks are the watermark: an
-#: instance is only expired once a tick newer than its deadline has been *consumed*, so
-#: detection takes TTL + at most one tick interval (+ a few ms to apply and publish).
+#: The owner never ticks a quiet partition more often than this. Ticks are the watermark: an
+#: instance is only expired once a tick newer than its deadline has been *consumed*; the
+#: owner ticks when the first lease falls due (server/tickplan.py), so detection takes TTL
+#: + a few ms to apply and publish, or up to one tick interval when leases fall due close
+#: together.
 DEFAULT_TICK_INTERVAL = 0.1
 
 #: Every worker also ticks the partitions it does not own this often, so a partition whose
@@ -144,6 +152,17 @@ DEFAULT_TICK_INTERVAL = 0.1
 #: than the max clock step reads as an ingest outage). Half the max clock step: one late
 #: or lost standby tick still leaves no such gap.
 DEFAULT_STANDBY_TICK_INTERVAL = 0.5
+
+#: A partition with no live lease needs no tick for expiry or the outage logic; its owner
+#: still ticks it this often, so a subscription that went silent is noticed (server/
+#: tickplan.py). Slow enough that an idle namespace costs next to nothing (8 partitions:
+#: 1.6 ticks a second), fast enough that a registration into a partition whose
+#: subscription died waits seconds, not minutes.
+IDLE_PROBE_INTERVAL = 5.0
+
+#: A tick for a lease that falls due is written this long after its deadline would be
+#: reached, so the tick's broker timestamp is past it (the delivery's own latency only adds).
+DUE_TICK_MARGIN = 0.005
 
 #: A jump in broker time between two consecutive events of a partition larger than this is
 #: an ingest outage (broker down, every writer cut off), not time in which instances failed
@@ -201,8 +220,8 @@ WORKER_START_TIMEOUT = 30.0
 #: to another node, so there is no reason to wait long.
 AMQP_RECONNECT_INTERVAL = 1.0
 #: A partition's subscription that delivers nothing for this long while its owner's own
-#: ticks are confirmed (so the stream grows) is taken for dead and made again. Ticks come
-#: every tick_interval (0.1 s) into a quiet partition: 3 s is 30 missed deliveries, and
-#: well inside a TTL, so a stuck subscription cannot hold expiry or registrations back
-#: for long.
+#: ticks are confirmed (so the stream grows) is taken for dead and made again. A partition
+#: with leases is ticked at least every half clock step when quiet, so 3 s is at least six
+#: missed deliveries, and well inside a TTL; one without leases only gets probe ticks, and
+#: the limit there is two probe intervals (tickplan.TickPlan.silence_limit).
 SUBSCRIPTION_SILENCE = 3.0

@@ -33,7 +33,7 @@ from busreg.settings import Settings
 
 __all__ = ["EXTRA_SCENARIOS", "SCENARIOS", "main"]
 
-SCENARIOS = ("baselines", "ingestion", "drain", "latency", "crash", "takeover")
+SCENARIOS = ("baselines", "ingestion", "drain", "latency", "crash", "takeover", "idle")
 #: run only when asked for (they need a second broker): ``--scenarios replication``
 EXTRA_SCENARIOS = ("replication",)
 #: sections computed from another scenario's run
@@ -177,6 +177,11 @@ async def run_bench(
             )
             results["latency"] = lat
             samples.update(lat_samples)
+        if "idle" in selected:
+            from busreg.bench.idle import run_idle
+
+            progress("idle namespace")
+            results["idle"] = await run_idle(settings, procs, cfg)
         if "takeover" in selected:
             progress("worker takeover")
             results["takeover"] = await run_takeover(settings, procs, cfg)

@@ -286,6 +286,27 @@ def render(res: dict[str, Any]) -> str:
                 f"{eo.get('replayed_skipped')}: {'ok' if eo.get('ok') else 'MISMATCH'}\n"
             )
         )
+    idle = res.get("idle")
+    if idle:
+        bg = idle.get("background", {})
+        rows = [
+            [
+                str(st["workers"]),
+                *(f"{100 * st['net'][k]:.2f}" for k in ("worker", "broker", "redis", "total")),
+            ]
+            for st in idle.get("steps", [])
+        ]
+        parts.append(
+            table(
+                f"5b. Idle namespace ({idle.get('partitions')} partitions, no instances; "
+                f"% of a core over {idle.get('seconds')} s, net of the servers' background)",
+                ["workers", "worker %", "broker %", "redis %", "total %"],
+                rows,
+            )
+            + "   servers' own background: "
+            + ", ".join(f"{k} {100 * v:.2f} %" for k, v in bg.items())
+            + "\n"
+        )
     fp = res.get("footprint")
     if fp:
         rows = [

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from busreg.backoff import RetryLog
 from busreg.errors import BusregError, ConnectionFailed
 from busreg.server.runner import PartitionRunner
-from busreg.server.store import PartitionStore
+from busreg.server.store import LiveSet, PartitionStore
 from busreg.settings import Settings
 
 __all__ = ["Membership", "Owned"]
@@ -24,11 +24,9 @@ __all__ = ["Membership", "Owned"]
 log = logging.getLogger("busreg.worker")
 T = TypeVar("T")
 
-#: How often the live set is read (one small Lua call that also refreshes our membership).
-#: It bounds how long a released partition stays unowned: a worker that leaves (SIGTERM)
-#: releases its leases at once, and the others take them when they next see the live set
-#: without it. Renewals of held leases go every third of the lease, not this often.
-MEMBERSHIP_INTERVAL = 0.1
+#: A round is also made this long after a peer's membership deadline (Redis ms), so a
+#: SIGKILLed peer's partitions are taken as soon as its leases lapse, not up to a round later.
+PEER_EXPIRY_MARGIN = 0.01
 
 
 class Owned:
@@ -46,9 +44,12 @@ class Owned:
 
 
 class Membership:
-    """Every ``MEMBERSHIP_INTERVAL``: refresh this worker in the live set and read it; every
-    ``lease_ttl / 3`` also renew every lease in ``owned`` (the worker's own dict, read each
-    round), side by side."""
+    """Every ``lease_ttl / 3``: refresh this worker in the live set, read it, and renew every
+    lease in ``owned`` (the worker's own dict, read each round), side by side.
+
+    Rounds come sooner when a peer's membership is about to lapse (its partitions become
+    free then) and on ``poke()`` (a peer's notice that it left). Each round also reads
+    which partitions have live leases (``busy``: standby workers tick only those)."""
 
     def __init__(
         self, settings: Settings, store: PartitionStore, worker_id: str, owned: dict[int, Owned]
@@ -59,9 +60,22 @@ class Membership:
         self._owned = owned
         #: the live workers, sorted, as of the last successful round
         self.live: list[str] = []
+        #: partitions with live leases, as of the last successful round
+        self.busy: frozenset[int] = frozenset()
         #: set by the first successful round: assignment needs the live set
         self.joined = asyncio.Event()
+        #: set after every successful round (the worker's control loop clears it)
+        self.changed = asyncio.Event()
+        self._poke = asyncio.Event()
         self._left = False
+        self._next_expiry: float | None = None  # loop time a peer's membership lapses
+
+    def live_now(self) -> list[str]:
+        return self.live
+
+    def poke(self) -> None:
+        """Make a round now (a peer left: its partitions are free)."""
+        self._poke.set()
 
     def leave(self) -> None:
         """Phase 1 of a stop: no more heartbeats; the leases still held are renewed, so a
@@ -79,28 +93,31 @@ class Membership:
         lease_ms = int(lease_ttl * 1000)
         failures = RetryLog(log, f"membership/lease renewal of {self._worker_id}")
         loop = asyncio.get_running_loop()
-        poll = min(MEMBERSHIP_INTERVAL, every)
-        renew_at = loop.time()
         while True:
             started = loop.time()
-            renew = started >= renew_at
-            if renew:
-                renew_at = started + every
-            errors = await self._round(lease_ms, timeout=bound, renew=renew)
+            self._poke.clear()
+            errors = await self._round(lease_ms, timeout=bound)
             if errors:
                 failures.failed(errors[0])  # a streak is logged once
             else:
                 failures.recovered()
-            # a periodic timer (cancelled by the worker), not synchronisation
-            await asyncio.sleep(max(0.0, started + poll - loop.time()))
+            wake = started + every
+            if self._next_expiry is not None:
+                wake = min(wake, self._next_expiry + PEER_EXPIRY_MARGIN)
+            # a timer, woken early by poke() (a peer's notice), not synchronisation
+            try:
+                async with asyncio.timeout(max(0.0, wake - loop.time())):
+                    await self._poke.wait()
+            except TimeoutError:
+                pass
 
-    async def _round(self, lease_ms: int, timeout: float, renew: bool) -> list[BusregError]:
+    async def _round(self, lease_ms: int, timeout: float) -> list[BusregError]:
         """One round: heartbeat and every renewal side by side, each bounded by ``timeout``.
 
         Both are idempotent (a lost reply leaves membership or the lease refreshed, which
         is what a retry would do), so a failed one is simply made again next round."""
         store = self._store
-        owned = [(k, o) for k, o in self._owned.items() if not o.lost] if renew else []
+        owned = [(k, o) for k, o in self._owned.items() if not o.lost]
 
         async def bounded(what: str, call: Awaitable[T]) -> T:
             try:
@@ -109,12 +126,13 @@ class Membership:
             except TimeoutError as exc:
                 raise ConnectionFailed(f"{what}: no reply within {timeout:.1f}s") from exc
 
-        calls: list[Awaitable[Any]] = [
-            bounded(f"renew partition {k}", store.renew(o.runner.lease, lease_ms)) for k, o in owned
-        ]
+        leases = [o.runner.lease for _, o in owned]
+        calls: list[Awaitable[Any]] = [bounded("renew", store.renew_many(leases, lease_ms))]
         left = self._left
         if not left:
-            calls.append(bounded("membership", store.heartbeat_worker(self._worker_id, lease_ms)))
+            beat = store.heartbeat_worker(self._worker_id, lease_ms)
+            calls.append(bounded("membership", beat))
+        loop = asyncio.get_running_loop()
         results = await asyncio.gather(*calls, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, BusregError):
@@ -124,10 +142,11 @@ class Membership:
             live = results.pop()
             if isinstance(live, BusregError):
                 errors.append(live)
-            elif not isinstance(live, BaseException):
-                self.live = live[1]
-                self.joined.set()
-        for (k, o), renewed in zip(owned, results, strict=True):
+            elif isinstance(live, LiveSet):
+                self._learn(live, loop.time())
+        got = results[0]
+        renewals: list[Any] = [got] * len(owned) if isinstance(got, BaseException) else got
+        for (k, o), renewed in zip(owned, renewals, strict=True):
             if isinstance(renewed, BusregError):
                 errors.append(renewed)  # not lost yet: the lease outlives a missed round
             elif not renewed and self._owned.get(k) is o:
@@ -139,3 +158,13 @@ class Membership:
                 o.lost = True
                 o.task.cancel()
         return errors
+
+    def _learn(self, view: LiveSet, now: float) -> None:
+        self.live = view.live
+        self.busy = view.busy
+        peers = [d for w, d in view.deadlines.items() if w != self._worker_id]
+        # Redis ms to our loop's clock, from the time of the reply (an upper bound: the
+        # round trip only makes us wake a little late, never early)
+        self._next_expiry = now + (min(peers) - view.now_ms) / 1000 if peers else None
+        self.joined.set()
+        self.changed.set()

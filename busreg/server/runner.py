@@ -6,8 +6,9 @@ Three loops run under one TaskGroup:
 * apply: take what the stream callback buffered, encode it for ``apply.lua`` (bad events
   become dead letters in the same atomic step) and commit state + offset + outbox together;
 * drain: publish outbox entries in order with publisher confirms, then trim them;
-* tick: write a tick into the partition whenever it has been quiet for a tick interval,
-  which moves the watermark that expiry is measured against (invariant 4).
+* tick: write a tick into the partition when it has been quiet long enough that a lease
+  falls due or a gap would read as an outage (``TickPlan``), which moves the watermark that
+  expiry is measured against (invariant 4).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from busreg.errors import BusregError, ConnectionFailed, Fenced, PublishFailed
 from busreg.server.encoding import BatchEncoder
 from busreg.server.stats import PartitionStats
 from busreg.server.store import ApplyResult, Lease, PartitionStore
+from busreg.server.tickplan import TickPlan
 from busreg.settings import Settings
 from busreg.tasks import close_quietly
 from busreg.transport.connections import connect_amqp_once, translate, translate_stream
@@ -87,6 +89,11 @@ class PartitionRunner:
         self._space = asyncio.Event()
         self._space.set()
         self._outbox_wake = asyncio.Event()
+        #: partition-clock ms until a tick is needed, from the last apply (None: unknown)
+        self.due_ms: int | None = None
+        self._reschedule = asyncio.Event()
+        #: the partition's busy flag as this runner last wrote it (None: not yet)
+        self._flagged: bool | None = None
         self._stopping = asyncio.Event()
         self._applied_all = asyncio.Event()
         self._last_delivery = 0.0
@@ -149,6 +156,7 @@ class PartitionRunner:
     def stop(self) -> None:
         """Graceful: stop consuming, apply what is buffered, drain the outbox, return."""
         self._stopping.set()
+        self._reschedule.set()
         self._has_data.set()
         self._outbox_wake.set()
         self._space.set()  # a stream callback blocked on backpressure returns (and drops)
@@ -208,6 +216,8 @@ class PartitionRunner:
                 pending, inflight = inflight, None
                 result = await pending
                 self._record(result)
+                if result.due >= 0 and self._flagged is not True:
+                    await self._flag_busy(True)  # leases a previous owner left
                 if result.outbox:
                     # whenever entries wait, not only when this batch added some: a
                     # replayed batch after a takeover commits nothing new, yet the previous
@@ -238,6 +248,10 @@ class PartitionRunner:
                     self._space.set()
                 args = self._encoder.encode(batch)
                 await finish()
+                if self._flagged is not True and "U" in args[2::8]:
+                    # flagged busy before a registration is committed (so before a watcher
+                    # can see it): should this owner die then, standbys tick the partition
+                    await self._flag_busy(True)
                 apply = partial(
                     self.store.apply,
                     self.lease,
@@ -251,6 +265,10 @@ class PartitionRunner:
         finally:
             if inflight is not None:
                 inflight.cancel()
+
+    async def _flag_busy(self, busy: bool) -> None:
+        await self._retrying("busy flag", partial(self.store.set_busy, self.lease, busy))
+        self._flagged = busy
 
     async def _retrying(
         self, what: str, action: Callable[[], Awaitable[T]], max_delay: float = 1.0
@@ -280,6 +298,8 @@ class PartitionRunner:
         s.offset = result.offset
         s.outbox = result.outbox
         s.batches += 1
+        self.due_ms = result.due
+        self._reschedule.set()
 
     # --- outbox -----------------------------------------------------------------------------
 
@@ -425,25 +445,34 @@ class PartitionRunner:
             self.ticking = False
 
     async def _ticks_until_stopped(self) -> None:
-        interval = self.settings.worker.tick_interval
+        wcfg = self.settings.worker
+        plan = TickPlan(min_spacing=wcfg.tick_interval, max_step=wcfg.max_clock_step)
+        last_tick = 0.0
         while not self._stopping.is_set():
-            # a periodic timer, not synchronisation: wake at the tick rate or on stop
+            now = time.monotonic()
+            delay = plan.delay(self.due_ms, now - self._last_delivery, now - last_tick)
+            if delay > 0:
+                # a timer, woken early by every applied batch (it may bring a lease due
+                # sooner) and by stop(); not synchronisation
+                self._reschedule.clear()
+                try:
+                    async with asyncio.timeout(delay):
+                        await self._reschedule.wait()
+                except TimeoutError:
+                    pass
+                continue
+            if self.due_ms == -1 and self._flagged is not False:
+                await self._flag_busy(False)  # no lease left: standbys need not tick it
+            last_tick = time.monotonic()
             try:
-                async with asyncio.timeout(interval):
-                    await self._stopping.wait()
-                return
-            except TimeoutError:
-                pass
-            if time.monotonic() - self._last_delivery < interval * 0.9:
-                continue  # traffic is moving the watermark already
-            try:
-                await self._ticks.send(self._stream, self._tick, timeout=max(1.0, interval * 10))
+                await self._ticks.send(self._stream, self._tick, timeout=max(1.0, delay * 10))
             except BusregError as exc:
                 log.warning("partition=%d tick failed: %s", self.partition, exc)
                 continue
-            self._check_subscription()
+            self.stats.ticks += 1
+            self._check_subscription(plan.silence_limit(self.due_ms))
 
-    def _check_subscription(self) -> None:
+    def _check_subscription(self, limit: float = c.SUBSCRIPTION_SILENCE) -> None:
         """Our own ticks are confirmed, so the stream grows; if none of it has reached us
         for a while (and nothing is waiting to be applied), the subscription is dead.
 
@@ -452,7 +481,7 @@ class PartitionRunner:
         (nothing applied, nothing expired, new registrations invisible). Failing the runner
         makes the worker take the partition again and subscribe anew."""
         silent = time.monotonic() - self._last_delivery
-        if silent > c.SUBSCRIPTION_SILENCE and not self._buf and self._space.is_set():
+        if silent > limit and not self._buf and self._space.is_set():
             log.warning(
                 "partition=%d: nothing delivered for %.1fs while ticks are confirmed; "
                 "subscribing again",

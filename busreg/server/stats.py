@@ -34,6 +34,12 @@ COUNTERS = (
     ),
     ("published", "deltas_published", "Deltas published to service exchanges and confirmed."),
     ("batches", "apply_batches", "Atomic apply calls (one Lua script per batch)."),
+    (
+        "ticks",
+        "ticks_written",
+        "Ticks the owner wrote into its quiet partition (a lease falling due, the outage "
+        "logic, or a probe of the subscription).",
+    ),
 )
 
 
@@ -49,6 +55,7 @@ class PartitionStats:
     dead_by_reason: dict[str, int] = field(default_factory=dict)
     published: int = 0
     batches: int = 0
+    ticks: int = 0
     offset: int = -1
     outbox: int = 0
     started: float = field(default_factory=time.monotonic)

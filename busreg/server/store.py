@@ -6,13 +6,15 @@ and runs atomically, so state, offset and outbox never disagree (invariants 1 an
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
 
+from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from busreg import constants as c
@@ -20,7 +22,7 @@ from busreg.errors import BusregError
 from busreg.transport.connections import RedisClient, translate
 from busreg.wire.models import Instance
 
-__all__ = ["ApplyResult", "Lease", "PartitionStore", "ServiceRow", "SnapshotRows"]
+__all__ = ["ApplyResult", "Lease", "LiveSet", "PartitionStore", "ServiceRow", "SnapshotRows"]
 
 
 def _script(name: str, *shared: str) -> str:
@@ -49,6 +51,9 @@ class ApplyResult:
     replayed: int
     expired: int
     outbox: int
+    #: partition-clock ms until the first live lease falls due (or the grace ends); -1 with
+    #: no live lease: when the owner must tick a quiet partition (see ticker.tick_delay)
+    due: int = -1
 
     def then(self, later: ApplyResult) -> ApplyResult:
         """This result followed by ``later``'s (one batch applied in two calls)."""
@@ -60,7 +65,22 @@ class ApplyResult:
             self.replayed + later.replayed,
             self.expired + later.expired,
             later.outbox,
+            later.due,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class LiveSet:
+    """One read of the live set: Redis' clock, each live worker's membership deadline (both
+    Redis ms) and the partitions that have live leases."""
+
+    now_ms: int
+    deadlines: dict[str, int]
+    busy: frozenset[int]
+
+    @property
+    def live(self) -> list[str]:
+        return sorted(self.deadlines)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +105,12 @@ class ServiceRow:
 UNDECLARED = b"undeclared"
 
 
+def _renewed(result: bool | BaseException) -> bool | BusregError:
+    if isinstance(result, BaseException) and not isinstance(result, BusregError):
+        raise result  # a bug, or a cancellation: never swallowed
+    return result
+
+
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -105,6 +131,7 @@ class PartitionStore:
         self._workers: AsyncScript = redis.register_script(_script("workers"))
         self._leave: AsyncScript = redis.register_script(_script("leave"))
         self._workers_key = c.cluster_key_prefix(namespace) + c.KEY_WORKERS
+        self._busy_key = c.cluster_key_prefix(namespace) + c.KEY_BUSY
         #: per partition, the services whose hashes the scripts declare besides a batch's
         #: own (Redis Cluster guarantees declared keys only): learnt from the scripts'
         #: "missing" replies, kept for the store's life (a stale name costs nothing)
@@ -144,6 +171,40 @@ class PartitionStore:
             )
         return int(res) == 1
 
+    async def renew_many(self, leases: Sequence[Lease], lease_ms: int) -> list[bool | BusregError]:
+        """``renew`` each lease, in one round trip (a pipeline) on a single Redis; on a
+        Cluster one call each (their slots differ). A failure comes back in its lease's
+        place, not raised: one partition's trouble must not hide the others' renewals."""
+        if not leases:
+            return []
+        if not isinstance(self.redis, Redis):
+            got = await asyncio.gather(
+                *(self.renew(lease, lease_ms) for lease in leases), return_exceptions=True
+            )
+            return [_renewed(r) for r in got]
+        try:
+            with translate("renew partitions"):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for lease in leases:
+                        keys = self._keys(lease.partition, c.KEY_STATE, c.KEY_LEASE)
+                        await self._renew(
+                            keys=keys, args=[lease.holder, lease.token, lease_ms], client=pipe
+                        )
+                    res = await pipe.execute(raise_on_error=False)
+        except BusregError as exc:
+            return [exc] * len(leases)
+        out: list[bool | BusregError] = []
+        for lease, r in zip(leases, res, strict=True):
+            if isinstance(r, Exception):
+                try:
+                    with translate(f"renew partition {lease.partition}"):
+                        raise r
+                except BusregError as exc:
+                    out.append(exc)
+            else:
+                out.append(int(r) == 1)
+        return out
+
     async def release(self, lease: Lease) -> None:
         with translate(f"release partition {lease.partition}"):
             await self._release(keys=self._keys(lease.partition, c.KEY_LEASE), args=[lease.holder])
@@ -153,12 +214,27 @@ class PartitionStore:
             value = await self.redis.get(self.prefix(partition) + c.KEY_LEASE)
         return None if value is None else _s(value)
 
-    async def heartbeat_worker(self, worker: str, ttl_ms: int) -> tuple[int, list[str]]:
-        """Refresh ``worker`` in the live set and drop expired members; returns (Redis ms,
-        live ids). Writes: readers use ``live_workers``."""
+    async def heartbeat_worker(self, worker: str, ttl_ms: int) -> LiveSet:
+        """Refresh ``worker`` in the live set and drop expired members; returns the live
+        set. Writes: readers use ``live_workers``."""
         with translate("worker membership"):
-            res = await self._workers(keys=[self._workers_key], args=[worker, ttl_ms])
-        return int(res[0]), sorted(_s(w) for w in res[1])
+            res = await self._workers(
+                keys=[self._workers_key, self._busy_key], args=[worker, ttl_ms]
+            )
+        pairs = res[1]
+        deadlines = {_s(pairs[i]): int(float(_s(pairs[i + 1]))) for i in range(0, len(pairs), 2)}
+        return LiveSet(int(res[0]), deadlines, frozenset(int(_s(k)) for k in res[2]))
+
+    async def set_busy(self, lease: Lease, busy: bool) -> None:
+        """Record whether the partition has live leases (its owner, on each change: standby
+        workers tick only busy partitions). Idempotent; not fenced: a stale value only
+        costs ticks or, for a partition wrongly idle whose owner dies, a late expiry."""
+        key = self._busy_key
+        with translate(f"busy flag of partition {lease.partition}"):
+            if busy:
+                await self.redis.sadd(key, str(lease.partition))
+            else:
+                await self.redis.srem(key, str(lease.partition))
 
     async def live_workers(self) -> tuple[int, list[str]]:
         """(Redis ms, live worker ids), read only: for operators with read-only access."""
@@ -208,9 +284,9 @@ class PartitionStore:
             if res[0] == UNDECLARED:
                 known.update(_s(x) for x in res[1:])
                 continue
-            step = ApplyResult(*(int(x) for x in res[:7]))
+            step = ApplyResult(*(int(x) for x in res[:8]))
             total = step if total is None else total.then(step)
-            missing = [_s(x) for x in res[7:]]
+            missing = [_s(x) for x in res[8:]]
             if not missing:
                 break
             known.update(missing)

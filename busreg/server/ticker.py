@@ -7,7 +7,9 @@ dies, nobody ticks it until the next owner has the lease (``lease_ttl``) and has
 subscribed, and that ownerless gap used to open the grace: a host that lost its worker and
 an instance together had the instance removed ~10 s late. With standby ticks, a gap in a
 partition's stream means what the grace assumes it means: no one could write to the
-broker. They cost ``(W - 1) * P / standby_tick_interval`` small messages a second.
+broker. Only partitions with live leases get them (owners record which in the live set,
+``Membership``): without a lease, a gap opens no grace. They cost at most
+``(W - 1) * P / standby_tick_interval`` small messages a second, and nothing when idle.
 
 The worker makes one round before it joins the live set (``Worker._serve``): declaring a
 stream's publisher costs a round trip per partition on first use, and a worker that has just
@@ -52,18 +54,20 @@ log = logging.getLogger("busreg.worker")
 
 
 class StandbyTicker:
-    """Ticks, every ``worker.standby_tick_interval``, each partition ``owned()`` leaves out."""
+    """Ticks, every ``worker.standby_tick_interval``, each partition ``wanted()`` names
+    (the worker's: those it does not tick as owner and that have live leases: a partition
+    without any needs no tick, see tickplan.py)."""
 
     def __init__(
         self,
         settings: Settings,
         writer: StreamWriter,
         worker_id: str,
-        owned: Callable[[], Collection[int]],
+        wanted: Callable[[], Collection[int]],
     ) -> None:
         self._settings = settings
         self._writer = writer
-        self._owned = owned
+        self._wanted = wanted
         self._tick = orjson.dumps(Tick(worker=worker_id).model_dump())
         self._failures = RetryLog(log, f"standby ticks of {worker_id}")
 
@@ -81,12 +85,9 @@ class StandbyTicker:
             await self.tick_once(timeout=interval)
 
     async def tick_once(self, timeout: float) -> None:
-        """One round: a tick into every partition this worker does not own, concurrently."""
-        mine = set(self._owned())
+        """One round: a tick into every partition ``wanted()`` names, concurrently."""
         ns = self._settings.namespace
-        streams = [
-            c.ingest_partition(ns, k) for k in range(self._settings.partitions) if k not in mine
-        ]
+        streams = [c.ingest_partition(ns, k) for k in sorted(self._wanted())]
         if not streams:
             return
         results = await asyncio.gather(

@@ -35,6 +35,7 @@ from busreg.errors import AuthenticationFailed, BusregError, ClosedError, Connec
 from busreg.server.assignment import assigned
 from busreg.server.membership import Membership, Owned
 from busreg.server.metrics import WorkerMetrics
+from busreg.server.notices import PeerNotices
 from busreg.server.rpc_server import RpcServer
 from busreg.server.runner import PartitionRunner
 from busreg.server.stats import PartitionStats, WorkerStatus
@@ -56,9 +57,9 @@ __all__ = ["Worker", "WorkerStatus"]
 
 log = logging.getLogger("busreg.worker")
 
-#: How often the control loop looks at the live set (read every MEMBERSHIP_INTERVAL by the
-#: membership task) and free partitions. With it, that bounds how long a released partition
-#: (SIGTERM, rebalancing) stays unowned, so it is short; a round makes no Redis call.
+#: The control loop runs after every membership round (a new live set) and, while
+#: something is under way (an acquisition, a handover, a partition backing off), this often;
+#: a round makes no Redis call. Otherwise it sleeps: an idle worker wakes for nothing.
 CONTROL_INTERVAL = 0.1
 
 
@@ -99,6 +100,7 @@ class Worker:
         #: partitions whose acquisition is under way (one task each, in parallel)
         self._acquiring: dict[int, asyncio.Task[None]] = {}
         self._membership: Membership | None = None
+        self._notices: PeerNotices | None = None
 
     async def __aenter__(self) -> Self:
         if self._closed or self._opened:
@@ -139,11 +141,16 @@ class Worker:
                 on_disrupted=self._note_disrupted,
             )
             self._marks = OutageMarks(self.settings, self._ticks, self.worker_id)
+            self._membership = Membership(self.settings, self.store, self.worker_id, self._owned)
             self._standby = StandbyTicker(
+                self.settings, self._ticks, self.worker_id, self._standby_partitions
+            )
+            self._notices = PeerNotices(
                 self.settings,
-                self._ticks,
+                self._amqp,
+                self._publish_channel,
                 self.worker_id,
-                lambda: {k for k, o in self._owned.items() if o.runner.ticking},
+                on_notice=self._membership.poke,
             )
         except BaseException:
             await self._release_connections()
@@ -180,6 +187,13 @@ class Worker:
             await close_quietly(amqp.close, "worker AMQP connection")
         if redis is not None:
             await close_quietly(redis.aclose, "worker Redis connection")
+
+    def _standby_partitions(self) -> set[int]:
+        """Those we do not tick as owner; once we read the live set, only those with leases."""
+        ticking = {k for k, o in self._owned.items() if o.runner.ticking}
+        m = self._membership
+        wanted = m.busy if m and m.joined.is_set() else range(self.settings.partitions)
+        return set(wanted) - ticking
 
     def _note_disrupted(self, streams: list[str]) -> None:
         if self._marks is not None:
@@ -271,9 +285,14 @@ class Worker:
         assert self._rpc is not None
         assert self._standby is not None
         assert self._marks is not None
+        assert self._membership is not None
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             rpc = tg.create_task(self._rpc.serve(), name="rpc")
+            assert self._notices is not None
+            notices = tg.create_task(self._notices.serve(asyncio.Event()), name="notices")
+            live = self._membership.live_now
+            tells = tg.create_task(self._notices.tell_when_asked(live), name="notices-out")
             # Able to stand by before joining: a worker that has just joined may be the
             # only other one left when an owner dies, and its first ticks used to take over
             # a second (publishers are declared on first use), long enough to open the
@@ -282,8 +301,6 @@ class Worker:
             # stops with phase 1: a leaving worker's ticks would only add noise
             tg.create_task(self._standby.run(self._stopping), name="standby-ticks")
             tg.create_task(self._marks.run(self._stopping), name="outage-marks")
-            assert self.store is not None
-            self._membership = Membership(self.settings, self.store, self.worker_id, self._owned)
             membership = tg.create_task(self._membership.run(), name="membership")
             await self._control_loop()
             # phase 1: stop taking work; others may take our partitions once released. The
@@ -308,7 +325,9 @@ class Worker:
                 for task in pending:
                     log.warning("drain deadline passed; cancelling %s", task.get_name())
                 await cancel_until_done(pending)
-            await cancel_until_done([rpc, membership])
+            # our partitions are free: the others take them now, not at their next round
+            await self._notices.tell(self._membership.live)
+            await cancel_until_done([rpc, membership, notices, tells])
 
     # --- assignment: handovers and acquisitions ---------------------------------------------
 
@@ -353,11 +372,23 @@ class Worker:
                     self._acquiring[k] = self._tg.create_task(
                         self._acquire(k, lease_ms), name=f"acquire-{k}"
                     )
+            pending = (
+                bool(self._acquiring)
+                or any(t > now for t, _ in self._backoff.values())
+                or any(o.handing_over or o.lost for o in self._owned.values())
+            )
+            changed = self._membership.changed
+            changed.clear()
+            # a timer, woken by a new live set or stop(); not synchronisation
+            waits = [asyncio.ensure_future(e.wait()) for e in (changed, self._stopping)]
             try:
-                async with asyncio.timeout(CONTROL_INTERVAL):
-                    await self._stopping.wait()
-            except TimeoutError:
-                pass
+                await asyncio.wait(
+                    waits,
+                    timeout=CONTROL_INTERVAL if pending else self.settings.worker.lease_ttl,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                await cancel_until_done(waits)
 
     def _assigned(self) -> set[int]:
         live = [] if self._membership is None else self._membership.live
@@ -457,6 +488,8 @@ class Worker:
                 try:
                     await self.store.release(runner.lease)
                     log.info("partition released partition=%d worker=%s", k, self.worker_id)
+                    if not self._stopping.is_set() and self._notices is not None:
+                        self._notices.soon()  # a handover: its new owner takes it now
                 except BusregError as exc:
                     log.warning("release failed partition=%d: %s", k, exc)
             if runner.consumer is not None:

@@ -29,6 +29,9 @@
 -- leases: if one is undeclared, this call expires nothing (a later one does) and names
 -- the missing services after the usual result, for the caller to call again at once.
 --
+-- Returns {offset, changes, applied, stale, replayed, expired, outbox length, due}, then the
+-- undeclared services of due leases, if any (see above); due: see the end of the script.
+--
 -- Keys under the prefix:
 --   state      hash  fence, epoch, offset, last_ts, clock, counters, replid
 --   s:<svc>    hash  instance id -> version .. stored JSON: the 36-byte version of the
@@ -361,6 +364,14 @@ if stale > 0 then redis.call('HINCRBY', st, 'stale', stale) end
 if replayed > 0 then redis.call('HINCRBY', st, 'replayed', replayed) end
 if expired > 0 then redis.call('HINCRBY', st, 'expired', expired) end
 if marks > 0 then redis.call('HINCRBY', st, 'outage_marks', marks) end
-local out = {offset, changes, applied, stale, replayed, expired, redis.call('LLEN', outbox)}
+-- When the owner must tick a quiet partition (ms of partition clock from now): when the first
+-- lease falls due or the grace ends, whichever is later; -1 with no live lease (nothing can
+-- expire and no gap can open a grace: a quiet partition needs no tick, see ticker.py)
+local due = -1
+if clock ~= nil then
+  local first = redis.call('ZRANGE', dls, 0, 0, 'WITHSCORES')
+  if #first > 0 then due = math.max(0, tonumber(first[2]) - clock, grace_until - clock) end
+end
+local out = {offset, changes, applied, stale, replayed, expired, redis.call('LLEN', outbox), due}
 for _, service in ipairs(missing) do out[#out + 1] = service end
 return out
