@@ -16,37 +16,61 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, TypeVar
 
-import aiormq
 import orjson
-from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from busreg import constants as c
 from busreg.backoff import Backoff, retrying
-from busreg.errors import BusregError, ConnectionFailed, Fenced, PublishFailed
+from busreg.errors import BusregError, ConnectionFailed, Fenced
 from busreg.server.encoding import BatchEncoder
+from busreg.server.publisher import DeltaPublisher
 from busreg.server.stats import PartitionStats
 from busreg.server.store import ApplyResult, Lease, PartitionStore
 from busreg.server.tickplan import TickPlan
 from busreg.settings import Settings
-from busreg.tasks import close_quietly
-from busreg.transport.connections import connect_amqp_once, translate, translate_stream
+from busreg.transport.connections import translate_stream
 from busreg.transport.streams import StreamWriter, peek_heads
-from busreg.transport.topology import declare_service_exchange
 from busreg.wire.models import Tick
 
-__all__ = ["PartitionRunner"]
+__all__ = ["PartitionRunner", "take_fresh"]
 
 log = logging.getLogger("busreg.worker")
 T = TypeVar("T")
 
 SEP = c.FIELD_SEPARATOR
-#: Bound on the service exchanges one runner remembers as declared (then it forgets them all
-#: and declares each again on its next use), whatever number of services a partition sees.
-DECLARED_MAX = 100_000
+#: Applied batches whose outbox entries a runner holds for its drain loop; past this the
+#: drain is behind (a slow broker), and it reads the outbox instead (memory stays bounded).
+FRESH_MAX = 64
+
+
+def take_fresh(
+    fresh: deque[tuple[int, tuple[bytes, ...]]], upto: int, limit: int
+) -> tuple[int, list[bytes]] | None:
+    """From ``fresh`` ((number of the first, entries) of applied batches, in order), the
+    entries that start exactly at number ``upto``, at most ``limit``; None when there are
+    none or it cannot tell (then the outbox is read: it holds the same entries).
+
+    >>> fresh = deque([(0, (b"a", b"b")), (2, (b"c",))])
+    >>> take_fresh(fresh, 1, 10), list(fresh)
+    ((1, [b'b', b'c']), [])
+    """
+    while fresh and fresh[0][0] + len(fresh[0][1]) <= upto:
+        fresh.popleft()  # published already (read back from the outbox)
+    if upto < 0 or not fresh or fresh[0][0] > upto:
+        fresh.clear()  # where the outbox stands is not known, or a gap: read it
+        return None
+    first, entries = fresh.popleft()
+    out = list(entries[upto - first :])
+    while fresh and len(out) < limit and fresh[0][0] == upto + len(out):
+        out += fresh.popleft()[1]
+    if len(out) > limit:  # the rest stays for the next round
+        fresh.appendleft((upto + limit, tuple(out[limit:])))
+        del out[limit:]
+    return upto, out
 
 
 class PartitionRunner:
@@ -70,18 +94,8 @@ class PartitionRunner:
         self._connect = connect
         self.consumer: Any = None
         self._ticks = ticks
-        # Deltas go out on this runner's own AMQP connection and confirm channel, opened on
-        # first use and again after any failed publish. A publish the broker refuses (404: an
-        # operator deleted the exchange) closes its channel, and aiormq then still sends the
-        # publishes queued behind it, which the broker answers by closing the whole
-        # connection (504). On the worker's shared connection (or channel) one service's
-        # missing exchange failed every partition's deltas and the RPC replies.
-        self._worker_id = worker_id
-        self._amqp: AbstractConnection | None = None
-        self._channel: AbstractChannel | None = None
-        #: service exchanges this runner declared; a failed publish forgets the ones its
-        #: batch used (an operator may have deleted one), so the retry declares them again
-        self._declared: set[str] = set()
+        # deltas go out on this runner's own AMQP connection (see DeltaPublisher)
+        self._publisher = DeltaPublisher(settings, self.partition, worker_id, self.stats)
         self._stream = c.ingest_partition(settings.namespace, self.partition)
         self._tick = orjson.dumps(Tick(worker=worker_id).model_dump())
         self._buf: list[tuple[int, int, bytes]] = []
@@ -92,6 +106,8 @@ class PartitionRunner:
         #: partition-clock ms until a tick is needed, from the last apply (None: unknown)
         self.due_ms: int | None = None
         self._reschedule = asyncio.Event()
+        #: (number of the first, entries) of what applies appended, until published
+        self._fresh: deque[tuple[int, tuple[bytes, ...]]] = deque()
         #: the partition's busy flag as this runner last wrote it (None: not yet)
         self._flagged: bool | None = None
         self._stopping = asyncio.Event()
@@ -185,7 +201,7 @@ class PartitionRunner:
             # no unsubscribe round trip: deliveries after stop() are dropped, and the
             # worker closes this partition's connection once the lease is released
             self._subscriber_id = None
-            await self._drop_connection()
+            await self._publisher.close()
 
     # --- apply ------------------------------------------------------------------------------
 
@@ -216,6 +232,10 @@ class PartitionRunner:
                 pending, inflight = inflight, None
                 result = await pending
                 self._record(result)
+                if result.entries:
+                    self._fresh.append((result.first_entry, result.entries))
+                    if len(self._fresh) > FRESH_MAX:
+                        self._fresh.clear()  # the drain is behind: it reads the outbox
                 if result.due >= 0 and self._flagged is not True:
                     await self._flag_busy(True)  # leases a previous owner left
                 if result.outbox:
@@ -303,105 +323,6 @@ class PartitionRunner:
 
     # --- outbox -----------------------------------------------------------------------------
 
-    async def _publish_channel(self) -> AbstractChannel:
-        """This runner's confirm channel, on its own connection; both are opened when
-        missing or closed. Plain, not robust: a robust channel or connection re-opens itself
-        behind our back (a robust channel re-declares every exchange it ever declared,
-        deleted ones included) and races the retry; here the retry opens new ones."""
-        channel = self._channel
-        if channel is not None and not channel.is_closed:
-            return channel
-        self._channel = None
-        what = f"open publish channel of partition {self.partition}"
-        with translate(what):
-            async with asyncio.timeout(c.WORKER_BROKER_TIMEOUT):
-                if self._amqp is None or self._amqp.is_closed:
-                    await self._drop_connection()
-                    name = f"busreg-worker {self._worker_id} p{self.partition} publish"
-                    self._amqp = await connect_amqp_once(self.settings, name)
-                try:
-                    channel = await self._amqp.channel(publisher_confirms=True)
-                except RuntimeError as exc:
-                    # aiormq's "<Connection ...> closed": the connection was reset and
-                    # aio-pika has not noticed yet; seen under the soak's AMQP resets
-                    await self._drop_connection()
-                    raise ConnectionFailed(f"{what}: connection closed") from exc
-        self._channel = channel
-        return channel
-
-    async def _drop_connection(self) -> None:
-        """Close this runner's publish channel and connection (best effort, bounded)."""
-        channel, self._channel = self._channel, None
-        amqp, self._amqp = self._amqp, None
-        what = f"publish connection of partition {self.partition}"
-        if channel is not None and not channel.is_closed:
-            await close_quietly(channel.close, what, timeout=1.0)
-        if amqp is not None and not amqp.is_closed:
-            await close_quietly(amqp.close, what, timeout=1.0)
-
-    async def _publish(self, entries: list[bytes]) -> None:
-        ns = self.settings.namespace
-        prefix = c.service_exchange(ns, "")
-        parsed = [raw.split(SEP.encode(), 2) for raw in entries]
-        try:
-            await self._publish_parsed(parsed, prefix)
-        except BusregError:
-            # Whatever failed, nothing of this batch is trimmed from the outbox (only
-            # confirmed entries are), and the retry starts clean: its exchanges are declared
-            # again (a 404 means one was deleted since we declared it), on a new connection
-            # (the broker closed the channel on the 404, and the connection too if more
-            # publishes followed; after a missing confirm both are in doubt).
-            self._declared.difference_update(exchange.decode() for exchange, _, _ in parsed)
-            await self._drop_connection()
-            raise
-        self.stats.published += len(entries)
-
-    async def _publish_parsed(self, parsed: list[list[bytes]], prefix: str) -> None:
-        channel = await self._publish_channel()
-        futures = []
-        with translate("publish deltas"):
-            for exchange, routing_key, body in parsed:
-                name = exchange.decode()
-                if name not in self._declared and name.startswith(prefix):
-                    # per-service exchanges are made on first use (the dead-letter
-                    # exchange is part of the topology)
-                    await declare_service_exchange(
-                        channel, self.settings.namespace, name[len(prefix) :]
-                    )
-                    if len(self._declared) >= DECLARED_MAX:
-                        self._declared.clear()
-                    self._declared.add(name)
-                underlay = await channel.get_underlay_channel()
-                # aiormq serialises publishes under a FIFO lock, so starting them in order
-                # keeps per-service delta order; the confirms are awaited together
-                futures.append(
-                    asyncio.ensure_future(
-                        underlay.basic_publish(
-                            body,
-                            exchange=name,
-                            routing_key=routing_key.decode(),
-                            properties=aiormq.spec.Basic.Properties(
-                                delivery_mode=2, content_type="application/json"
-                            ),
-                        )
-                    )
-                )
-            try:
-                async with asyncio.timeout(c.WORKER_BROKER_TIMEOUT):
-                    results = await asyncio.gather(*futures, return_exceptions=True)
-            except TimeoutError:
-                for f in futures:
-                    f.cancel()
-                raise PublishFailed(
-                    f"no confirm for {len(parsed)} deltas within {c.WORKER_BROKER_TIMEOUT}s"
-                ) from None
-        for r in results:
-            if isinstance(r, BaseException):
-                with translate("publish deltas"):
-                    raise r
-            if isinstance(r, aiormq.spec.Basic.Nack):
-                raise BusregError("broker nacked a delta publish")
-
     async def _outbox_step(self, confirmed_upto: int) -> tuple[int, list[bytes]]:
         batch = self.settings.worker.outbox_batch
         return await self._retrying(
@@ -418,13 +339,19 @@ class PartitionRunner:
             upto = base + len(entries)
 
     async def _publish_with_retry(self, entries: list[bytes]) -> None:
-        await self._retrying("delta publish", lambda: self._publish(entries), max_delay=2.0)
+        await self._retrying(
+            "delta publish", lambda: self._publisher.publish(entries), max_delay=2.0
+        )
 
     async def _drain_loop(self) -> None:
-        upto = -1
+        upto = -1  # entries numbered below this are confirmed (trimmed by the next step)
         while True:
             self._outbox_wake.clear()
-            base, entries = await self._outbox_step(upto)
+            # What an apply just appended goes out at once, without reading it back: one
+            # Redis round trip less between commit and delta. The trim of what is confirmed
+            # waits for the next outbox_step, after the publish.
+            fresh = take_fresh(self._fresh, upto, self.settings.worker.outbox_batch)
+            base, entries = fresh if fresh else await self._outbox_step(upto)
             if entries:
                 await self._publish_with_retry(entries)
                 upto = base + len(entries)

@@ -54,6 +54,10 @@ class ApplyResult:
     #: partition-clock ms until the first live lease falls due (or the grace ends); -1 with
     #: no live lease: when the owner must tick a quiet partition (see ticker.tick_delay)
     due: int = -1
+    #: the outbox entries this apply appended, in order, and the number of the first (the
+    #: owner publishes them at once; outbox_step reads the same entries back otherwise)
+    first_entry: int = 0
+    entries: tuple[bytes, ...] = ()
 
     def then(self, later: ApplyResult) -> ApplyResult:
         """This result followed by ``later``'s (one batch applied in two calls)."""
@@ -66,6 +70,8 @@ class ApplyResult:
             self.expired + later.expired,
             later.outbox,
             later.due,
+            self.first_entry if self.entries else later.first_entry,
+            self.entries + later.entries,
         )
 
 
@@ -284,9 +290,10 @@ class PartitionStore:
             if res[0] == UNDECLARED:
                 known.update(_s(x) for x in res[1:])
                 continue
-            step = ApplyResult(*(int(x) for x in res[:8]))
+            n = [int(x) for x in res[:9]]
+            step = ApplyResult(n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7], n[8], tuple(res[9]))
             total = step if total is None else total.then(step)
-            missing = [_s(x) for x in res[8:]]
+            missing = [_s(x) for x in res[10:]]
             if not missing:
                 break
             known.update(missing)

@@ -12,6 +12,7 @@ import pytest
 from busreg import DeltaKind, Registry, Settings, partition_for
 from busreg import constants as c
 from busreg.client.registration import IngestPublisher
+from busreg.server.publisher import DeltaPublisher
 from busreg.server.runner import PartitionRunner
 from busreg.server.worker import Worker
 from busreg.tasks import cancel_until_done
@@ -250,10 +251,10 @@ async def test_a_handover_stuck_on_the_broker_is_cut_short_and_loses_nothing(
         await view.wait_for(lambda i: "before" in i, timeout=10)
         resyncs = view.resyncs  # the initial snapshot
 
-        async def never_confirmed(self: PartitionRunner, entries: list[bytes]) -> None:
+        async def never_confirmed(self: DeltaPublisher, entries: list[bytes]) -> None:
             await asyncio.Event().wait()  # a broker that takes the publish, never confirms
 
-        monkeypatch.setattr(PartitionRunner, "_publish", never_confirmed)
+        monkeypatch.setattr(DeltaPublisher, "publish", never_confirmed)
         await registrants.register(service, address="127.0.0.1:2", instance_id="during")
         await eventually(
             lambda: partition_states(settings),

@@ -29,8 +29,9 @@
 -- leases: if one is undeclared, this call expires nothing (a later one does) and names
 -- the missing services after the usual result, for the caller to call again at once.
 --
--- Returns {offset, changes, applied, stale, replayed, expired, outbox length, due}, then the
--- undeclared services of due leases, if any (see above); due: see the end of the script.
+-- Returns {offset, changes, applied, stale, replayed, expired, outbox length, due, number of
+-- the first entry this call appended, {those entries}}, then the undeclared services of due
+-- leases, if any (see above); due: see the end of the script.
 --
 -- Keys under the prefix:
 --   state      hash  fence, epoch, offset, last_ts, clock, counters, replid
@@ -142,6 +143,10 @@ end
 local VW = 36  -- version width: "%020d%016d" of (incarnation < 2^63, seq < 2^53)
 local applied, stale, replayed, changes, expired = 0, 0, 0, 0, 0
 local missing = {}  -- services of due leases the caller did not declare
+-- the entries this call appends to the outbox, and the number of the first: returned, so the
+-- owner publishes them at once instead of reading them back (outbox.lua numbers entries)
+local fresh = {}
+local first_no = tonumber(redis.call('HGET', st, 'obase') or '0') + redis.call('LLEN', outbox)
 local marks = 0  -- outage marks applied
 
 -- What subscribers see: the stored JSON with service and instance_id in front. Both match
@@ -165,8 +170,10 @@ local function announce(service, kind, inst, reason)
   local body = '{"v":1,"kind":"' .. kind .. '","service":"' .. service .. '","epoch":"' .. epoch
     .. '","revision":' .. rev .. ',"instance":' .. inst .. ',"reason":'
     .. (reason and ('"' .. reason .. '"') or 'null') .. '}'
-  redis.call('RPUSH', outbox, exch .. service .. SEP .. kind .. SEP .. body)
+  local entry = exch .. service .. SEP .. kind .. SEP .. body
+  redis.call('RPUSH', outbox, entry)
   changes = changes + 1
+  fresh[changes] = entry
 end
 
 local function forget(field, ver)
@@ -325,6 +332,7 @@ for i = 0, n - 1 do
       if dead ~= '' then
         redis.call('RPUSH', outbox, dead)
         changes = changes + 1
+        fresh[changes] = dead
       end
     end
   end
@@ -372,6 +380,7 @@ if clock ~= nil then
   local first = redis.call('ZRANGE', dls, 0, 0, 'WITHSCORES')
   if #first > 0 then due = math.max(0, tonumber(first[2]) - clock, grace_until - clock) end
 end
-local out = {offset, changes, applied, stale, replayed, expired, redis.call('LLEN', outbox), due}
+local out = {offset, changes, applied, stale, replayed, expired, redis.call('LLEN', outbox), due,
+  first_no, fresh}
 for _, service in ipairs(missing) do out[#out + 1] = service end
 return out
