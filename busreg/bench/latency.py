@@ -200,6 +200,9 @@ async def run_latency(
                             for q in ("p50", "p99"):
                                 base_ms = (floor or {}).get("latency_ms", {}).get(q)
                                 out[name][f"{who}_{q}_floor_ratio"] = ratio(lat.get(q), base_ms)
+                    out["first_register"] = await _first_registers(
+                        settings, watched, wire, 3 if cfg.quick else 10
+                    )
                 if crash:
                     out["crash"] = await _crash(load, victims, ttl, wire, view_seen, samples)
         finally:
@@ -279,6 +282,43 @@ async def _register_deregister(
                 ("deregister", "removed", [(iid, reg.deregister) for iid, reg in regs.items()])
             )
     return out
+
+
+async def _first_registers(
+    settings: Any, watched: list[str], wire: WireWatcher, n: int
+) -> dict[str, Any]:
+    """A new process's first registration, n times: a fresh ``Registry`` (its own new
+    connections), one ``register()``: from before opening it until the call returns and
+    until the wire watcher has the delta. (The interpreter's own start is not counted.)"""
+    opened: list[float] = []
+    returned: list[float] = []
+    visible: list[float] = []
+    for i in range(n):
+        iid = f"fresh-{i:03d}"
+        t0 = time.perf_counter()
+        async with Registry(settings, name=f"bench-fresh-{i}") as fresh:
+            opened.append(time.perf_counter() - t0)
+            reg = await fresh.register(
+                watched[i % len(watched)], address=f"10.202.0.{i + 1}:9000", instance_id=iid
+            )
+            returned.append(time.perf_counter() - t0)
+            await wait_until(
+                lambda iid=iid: _seen(wire, ("added", iid)), 5.0, 0.005, "fresh registration"
+            )
+            hit = wire.seen.get(("added", iid))
+            if hit is not None:
+                visible.append(hit[0] - t0)
+            await reg.deregister()
+    return {
+        "runs": n,
+        "open_ms": percentiles(opened, 1000.0),
+        "register_ms": percentiles(returned, 1000.0),
+        "visible_ms": percentiles(visible, 1000.0),
+    }
+
+
+async def _seen(wire: WireWatcher, key: tuple[str, str]) -> bool:
+    return key in wire.seen
 
 
 async def _crash(

@@ -221,6 +221,11 @@ def render(res: dict[str, Any]) -> str:
                         f"{name} -> {who}", lat[name][who], floor if who != "confirm" else None
                     )
                 )
+        fresh = lat.get("first_register")
+        if fresh:
+            rows.append(_lat_row("fresh Registry: open", fresh["open_ms"], None))
+            rows.append(_lat_row("fresh Registry: open -> register()", fresh["register_ms"], None))
+            rows.append(_lat_row("fresh Registry: open -> wire", fresh["visible_ms"], None))
         if floor:
             rows.append(_lat_row("3-hop floor", floor, floor))
         parts.append(

@@ -394,12 +394,13 @@ async def stream_producer(
     producer itself, promptly, on the next node in turn (see there): rstream reconnects
     only to the node it was created with, and a Producer made with a dead node's address
     never resumes (measured in ../shared/platform-notes.md §1)."""
-    from rstream import Producer
     from rstream.recovery import BackOffRecoveryStrategy
+
+    from busreg.transport.producer import QuickProducer
 
     return await _first_started(
         settings,
-        lambda endpoint: Producer(
+        lambda endpoint: QuickProducer(
             connection_name=name,
             recovery_strategy=BackOffRecoveryStrategy(False),
             on_close_handler=on_close,
