@@ -11,6 +11,13 @@ from typing import Any
 #: Version of the event, delta and snapshot contracts. Bump on an incompatible change;
 #: workers dead-letter events of a version they do not know (invariant 6).
 PROTOCOL_VERSION = 1
+#: The batched-heartbeat event (``{"v": 2, "type": "heartbeats"}``, one per partition and
+#: renewal interval for a process holding many registrations) is contract v2: a worker that
+#: predates it dead-letters it as ``unknown-version`` and changes nothing, so workers are
+#: upgraded first. Workers speak both; every other event stays v1.
+BATCH_PROTOCOL_VERSION = 2
+#: The contract versions this worker accepts.
+PROTOCOL_VERSIONS = (PROTOCOL_VERSION, BATCH_PROTOCOL_VERSION)
 
 #: Hash seed of RabbitMQ's own super-stream hash routing (murmur3, 32 bit, seed 104729):
 #: the Java, .NET and Go stream clients route a routing key to the same partition we do.
@@ -19,6 +26,10 @@ PARTITION_HASH_SEED = 104729
 #: Largest ingest event we accept. A registration with its metadata is a few hundred bytes;
 #: anything near this limit is a mistake or an attack and is dead-lettered as oversized.
 MAX_EVENT_BYTES = 16 * 1024
+#: Largest batched-heartbeat event, and most heartbeats in one: each item is a heartbeat
+#: as it would be sent alone (≤ MAX_EVENT_BYTES, ~250 B typical), so a batch of 200 is ~55 KB.
+MAX_BATCH_BYTES = 256 * 1024
+MAX_BATCH_ITEMS = 500
 
 #: Separator inside Redis hash fields (``service<US>instance``). ASCII unit separator: it can
 #: never appear in a validated service or instance name.

@@ -130,6 +130,10 @@ class ClientSettings(BaseModel):
     #: the ingest streams) or "amqp" (the super stream exchange, with the broker-validated
     #: user_id as identity: for least-privilege per-service users).
     ingest_protocol: Literal["stream", "amqp"] = "stream"
+    #: Heartbeats of this process's registrations that fall due together go out as one
+    #: event per partition (contract v2, ``Heartbeats``) instead of one each. Workers older
+    #: than v2 dead-letter such batches: upgrade the workers first, or turn this off.
+    batch_heartbeats: bool = True
 
     def keys(self) -> dict[str, bytes]:
         """Service -> key; the ``"*"`` entry is a key used for any service."""

@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import time
+from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from busreg import constants as c
 from busreg.backoff import Backoff, RetryLog, retrying
 from busreg.client.checks import CHECK_METADATA_KEY, CheckGate, CheckResult, HealthCheck
+from busreg.client.renewals import BeatGrid, HeartbeatBatcher
 from busreg.errors import BusregError, ConfigurationError, PublishFailed
 from busreg.settings import Settings
 from busreg.tasks import close_quietly
@@ -54,6 +56,7 @@ ATTEMPT_TIMEOUT = 1.0
 PUBLISH_BACKOFF = Backoff(first=0.05, cap=1.0)
 
 log = logging.getLogger("busreg.client")
+R = TypeVar("R", Register, Heartbeat)
 
 
 class AmqpWriter:
@@ -121,6 +124,9 @@ class IngestPublisher:
         self._keys = settings.client.keys()
         secret = settings.auth.secret_bytes()
         self._secret = secret  # development convenience: a client that has the secret
+        #: heartbeats of this process's registrations go out together (renewals.py)
+        self.grid = BeatGrid()
+        self.batcher = HeartbeatBatcher(writer) if settings.client.batch_heartbeats else None
 
     def _key(self, service: str, *, admin: bool = False) -> bytes | None:
         key = self._keys.get(service) or self._keys.get("*")
@@ -143,6 +149,19 @@ class IngestPublisher:
         if key is not None:
             body = sign(key, body)
         await self._writer.send(self.stream_for(event.service), body, timeout)
+
+
+    async def heartbeat(self, event: Heartbeat, timeout: float) -> None:
+        """Publish a heartbeat, in a batch with others of this process falling due at the
+        same moment (unless batching is off); raise PublishFailed unless confirmed."""
+        if self.batcher is None:
+            await self.publish(event, timeout)
+            return
+        body = encode_event(event)
+        key = self._key(event.service)
+        if key is not None:
+            body = sign(key, body)
+        await self.batcher.send(self.stream_for(event.service), body, timeout)
 
     async def publish_until_confirmed(
         self, event: Register | Heartbeat | Deregister | SetStatus, deadline: float
@@ -284,7 +303,7 @@ class Registration:
         # events of one registration are sent one at a time so seq order is publish order
         self._lock = asyncio.Lock()
 
-    def _event(self, kind: type[Register] | type[Heartbeat]) -> Register | Heartbeat:
+    def _event(self, kind: type[R]) -> R:
         self.seq += 1
         return kind(
             service=self.service,
@@ -374,7 +393,8 @@ class Registration:
         registration, so one that gets through after an outage re-registers the instance
         if the worker forgot it."""
         loop = asyncio.get_running_loop()
-        next_at = loop.time() + self.interval
+        grid = self._publisher.grid  # this process's registrations beat together
+        next_at = grid.next_after(loop.time(), self.interval)
         while not self._done.is_set():
             try:
                 async with asyncio.timeout(max(0.0, next_at - loop.time())):
@@ -382,14 +402,13 @@ class Registration:
                 return
             except TimeoutError:
                 pass
-            next_at += self.interval
-            if next_at < loop.time():  # we were stalled: do not burst to catch up
-                next_at = loop.time() + self.interval
+            # the next grid point (after a stall too: no burst to catch up)
+            next_at = grid.next_after(loop.time(), self.interval)
             try:
                 async with self._lock:
                     if self._done.is_set():
                         return
-                    await self._publisher.publish(
+                    await self._publisher.heartbeat(
                         self._event(Heartbeat), timeout=min(self.interval, self.ttl / 2)
                     )
                 self.heartbeats_sent += 1

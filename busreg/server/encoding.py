@@ -23,9 +23,10 @@ from busreg.wire.codec import (
     WRONG_PARTITION,
     DecodedEvent,
     decode_ingest,
+    decode_item,
     encode_stored,
 )
-from busreg.wire.models import Deregister, SetStatus, Tick
+from busreg.wire.models import Deregister, Heartbeats, SetStatus, Tick
 from busreg.wire.routing import partition_for
 
 __all__ = ["DEAD_LETTER_BODY_MAX", "BatchEncoder"]
@@ -89,70 +90,92 @@ class BatchEncoder:
         ).decode()
         return (offset, ts, "O", event.service, event.instance_id, event.status or "", 0, record)
 
+    def _partition_of(self, service: str) -> int:
+        k = self._cache.get(service)
+        if k is None:
+            k = self._cache[service] = partition_for(service, self._settings.partitions)
+            if len(self._cache) > 100_000:  # bounded memory whatever arrives
+                self._cache.clear()
+        return k
+
+    def _event_args(
+        self, decoded: DecodedEvent, offset: int, ts: int, upsert: str = "U"
+    ) -> tuple[Any, ...]:
+        """apply.lua's 8 arguments of one decoded event; InvalidEvent if it may not apply."""
+        event = decoded.event
+        if isinstance(event, Tick):
+            if event.outage and self._authorizer is not None:
+                refusal = self._authorizer.check_worker(decoded.payload, decoded.signature)
+                if refusal is not None:
+                    raise InvalidEvent(UNAUTHORISED, refusal)
+            return (offset, ts, "G" if event.outage else "N", "", "", "", 0, "")
+        if isinstance(event, Heartbeats):
+            # its items follow as their own groups (op u), see encode()
+            return (offset, ts, "B", "", "", "", len(event.items), "")
+        k = self._partition_of(event.service)
+        if k != self.partition:
+            raise InvalidEvent(
+                WRONG_PARTITION, f"service {event.service!r} belongs to partition {k}"
+            )
+        if isinstance(event, SetStatus):
+            return self._override(event, decoded, offset, ts)
+        if self._authorizer is not None:
+            refusal = self._authorizer.check(
+                event.service, decoded.payload, decoded.signature, decoded.user_id
+            )
+            if refusal is not None:
+                raise InvalidEvent(UNAUTHORISED, refusal)
+        version = f"{event.incarnation:020d}{event.seq:016d}"
+        if isinstance(event, Deregister):
+            return (offset, ts, "D", event.service, event.instance_id, version, 0, "")
+        return (
+            offset,
+            ts,
+            upsert,
+            event.service,
+            event.instance_id,
+            version,
+            int(event.ttl * 1000),
+            encode_stored(event),
+        )
+
+    def _refused(self, exc: Exception, offset: int, body: bytes, what: str = "") -> str:
+        """The dead letter of a message (or of one item of a batch) that cannot apply."""
+        bad = exc if isinstance(exc, InvalidEvent) else None
+        if bad is None:
+            log.exception(
+                "unexpected decode failure partition=%d offset=%d", self.partition, offset
+            )
+            bad = InvalidEvent("invalid", f"decoder failure: {exc!r}")
+        log.warning(
+            "dead-letter partition=%d offset=%d%s reason=%s detail=%s",
+            self.partition,
+            offset,
+            what,
+            bad.reason,
+            bad.detail[:200],
+        )
+        return self._dead_letter(bad.reason, bad.detail, offset, body)
+
     def encode(self, batch: list[tuple[int, int, bytes]]) -> list[Any]:
         args: list[Any] = []
-        parts = self._settings.partitions
-        cache = self._cache
         for offset, ts, body in batch:
             try:
                 decoded = decode_ingest(body)
-                event = decoded.event
-                if isinstance(event, Tick):
-                    if event.outage and self._authorizer is not None:
-                        refusal = self._authorizer.check_worker(
-                            decoded.payload, decoded.signature
-                        )
-                        if refusal is not None:
-                            raise InvalidEvent(UNAUTHORISED, refusal)
-                    args += (offset, ts, "G" if event.outage else "N", "", "", "", 0, "")
-                    continue
-                k = cache.get(event.service)
-                if k is None:
-                    k = cache[event.service] = partition_for(event.service, parts)
-                    if len(cache) > 100_000:  # bounded memory whatever arrives
-                        cache.clear()
-                if k != self.partition:
-                    raise InvalidEvent(
-                        WRONG_PARTITION, f"service {event.service!r} belongs to partition {k}"
-                    )
-                if isinstance(event, SetStatus):
-                    args += self._override(event, decoded, offset, ts)
-                    continue
-                if self._authorizer is not None:
-                    refusal = self._authorizer.check(
-                        event.service, decoded.payload, decoded.signature, decoded.user_id
-                    )
-                    if refusal is not None:
-                        raise InvalidEvent(UNAUTHORISED, refusal)
-                version = f"{event.incarnation:020d}{event.seq:016d}"
-                if isinstance(event, Deregister):
-                    args += (offset, ts, "D", event.service, event.instance_id, version, 0, "")
-                else:
-                    args += (
-                        offset,
-                        ts,
-                        "U",
-                        event.service,
-                        event.instance_id,
-                        version,
-                        int(event.ttl * 1000),
-                        encode_stored(event),
-                    )
+                args += self._event_args(decoded, offset, ts)
             except Exception as exc:  # one bad message must never stop a partition
-                bad = exc if isinstance(exc, InvalidEvent) else None
-                if bad is None:
-                    log.exception(
-                        "unexpected decode failure partition=%d offset=%d", self.partition, offset
-                    )
-                    bad = InvalidEvent("invalid", f"decoder failure: {exc!r}")
-                log.warning(
-                    "dead-letter partition=%d offset=%d reason=%s detail=%s",
-                    self.partition,
-                    offset,
-                    bad.reason,
-                    bad.detail[:200],
-                )
-                dead = self._dead_letter(bad.reason, bad.detail, offset, body)
-                args += (offset, ts, "N", "", "", "", 0, dead)
+                args += (offset, ts, "N", "", "", "", 0, self._refused(exc, offset, body))
+                continue
+            if isinstance(decoded.event, Heartbeats):
+                # A batch: one message, one offset. Its items follow as groups of their own
+                # (u: a heartbeat, x: an item refused alone, with its dead letter) that
+                # apply.lua applies with the batch's offset and clock, or skips with it.
+                for i, item in enumerate(decoded.event.items):
+                    try:
+                        args += self._event_args(
+                            decode_item(item, decoded.user_id), offset, ts, "u"
+                        )
+                    except Exception as exc:  # one bad item must not refuse the others
+                        dead = self._refused(exc, offset, item.encode(), f" item={i}")
+                        args += (offset, ts, "x", "", "", "", 0, dead)
         return args
-

@@ -73,6 +73,10 @@ def take_fresh(
     return upto, out
 
 
+#: apply.lua's ops that register or renew an instance (a register/heartbeat, a batch's item)
+UPSERTS = frozenset(("U", "u"))
+
+
 class PartitionRunner:
     def __init__(
         self,
@@ -268,7 +272,7 @@ class PartitionRunner:
                     self._space.set()
                 args = self._encoder.encode(batch)
                 await finish()
-                if self._flagged is not True and "U" in args[2::8]:
+                if self._flagged is not True and not UPSERTS.isdisjoint(args[2::8]):
                     # flagged busy before a registration is committed (so before a watcher
                     # can see it): should this owner die then, standbys tick the partition
                     await self._flag_busy(True)
@@ -276,7 +280,7 @@ class PartitionRunner:
                     self.store.apply,
                     self.lease,
                     args,
-                    len(batch),
+                    len(args) // 8,  # groups: a batched heartbeat expands to several
                     *limits,
                     rebuild_until=self._rebuild_until,
                 )

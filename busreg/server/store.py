@@ -270,6 +270,8 @@ class PartitionStore:
 
         ``rebuild_until``: the stream's head offset when this owner started a partition
         that had no committed offset (it replays history quietly up to there)."""
+        if len(args) != 8 * count:  # a batched heartbeat's items are groups of their own
+            raise ValueError(f"apply: {len(args)} arguments are not {count} groups of 8")
         exchange_prefix = c.service_exchange(self.namespace, "")
         known = self._services_of.setdefault(lease.partition, set())
         # every event's service (8 fields per event: op third, service fourth)

@@ -19,13 +19,14 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from busreg.constants import MAX_EVENT_BYTES, PROTOCOL_VERSION
+from busreg.constants import MAX_BATCH_BYTES, MAX_EVENT_BYTES, PROTOCOL_VERSIONS
 from busreg.errors import InvalidEvent
 from busreg.wire.amqp10 import MalformedAmqp, check_message
 from busreg.wire.auth import split_signed
 from busreg.wire.models import (
     Deregister,
     Heartbeat,
+    Heartbeats,
     Instance,
     Register,
     SetStatus,
@@ -37,12 +38,13 @@ from busreg.wire.models import (
 __all__ = [
     "DecodedEvent",
     "decode_ingest",
+    "decode_item",
     "encode_event",
     "encode_instance",
     "encode_stored",
 ]
 
-Event = Register | Heartbeat | Deregister | SetStatus | Tick
+Event = Register | Heartbeat | Deregister | SetStatus | Tick | Heartbeats
 
 # Reason codes (stable: they appear in dead letters and metric labels).
 OVERSIZED = "oversized"
@@ -82,10 +84,8 @@ def _refusal(body: bytes, exc: ValidationError) -> InvalidEvent:
     if not isinstance(data, dict):
         return InvalidEvent(MALFORMED, "event must be a JSON object")
     version = data.get("v")
-    if type(version) is not int or version != PROTOCOL_VERSION:
-        return InvalidEvent(
-            UNKNOWN_VERSION, f"v={version!r}, this worker speaks v={PROTOCOL_VERSION}"
-        )
+    if type(version) is not int or version not in PROTOCOL_VERSIONS:
+        return InvalidEvent(UNKNOWN_VERSION, f"v={version!r}, this worker speaks {_SPOKEN}")
     return InvalidEvent(INVALID, validation_message(exc, where="event"))
 
 
@@ -133,8 +133,8 @@ def _unwrap_amqp(body: bytes) -> tuple[bytes, str | None]:
     if isinstance(payload, list):  # several data sections: concatenate bytes ones only
         if not all(isinstance(part, bytes | bytearray) for part in payload):
             raise InvalidEvent(MALFORMED, "AMQP body sections are not all binary data")
-        if sum(len(part) for part in payload) > MAX_EVENT_BYTES:
-            raise InvalidEvent(OVERSIZED, f"AMQP body > {MAX_EVENT_BYTES} bytes")
+        if sum(len(part) for part in payload) > MAX_BATCH_BYTES:
+            raise InvalidEvent(OVERSIZED, f"AMQP body > {MAX_BATCH_BYTES} bytes")
         payload = b"".join(payload)
     if isinstance(payload, str):
         payload = payload.encode()
@@ -151,15 +151,43 @@ def _unwrap_amqp(body: bytes) -> tuple[bytes, str | None]:
     return bytes(payload), user_id
 
 
+_SPOKEN = "v=" + " and v=".join(map(str, PROTOCOL_VERSIONS))
+
+
 def decode_ingest(body: bytes) -> DecodedEvent:
-    """Validate one ingest message. Raises InvalidEvent(reason) for anything unusable."""
-    if len(body) > MAX_EVENT_BYTES:
-        raise InvalidEvent(OVERSIZED, f"{len(body)} bytes > {MAX_EVENT_BYTES}")
+    """Validate one ingest message. Raises InvalidEvent(reason) for anything unusable.
+
+    A batched heartbeat (``Heartbeats``) comes back as it is: its items are decoded one by
+    one with ``decode_item``, each refused alone."""
+    if len(body) > MAX_BATCH_BYTES:
+        raise InvalidEvent(OVERSIZED, f"{len(body)} bytes > {MAX_BATCH_BYTES}")
     user_id: str | None = None
     if body[:2] == b"\x00S" and body[2:3] in _AMQP_SECTIONS:
         body, user_id = _unwrap_amqp(body)
-        if len(body) > MAX_EVENT_BYTES:
-            raise InvalidEvent(OVERSIZED, f"{len(body)} bytes > {MAX_EVENT_BYTES}")
+    if len(body) <= MAX_EVENT_BYTES:
+        return _decode(body, user_id)
+    try:  # only a batch may be larger; anything else that big is refused as oversized
+        decoded: DecodedEvent | None = _decode(body, user_id)
+    except InvalidEvent:
+        decoded = None
+    if decoded is None or not isinstance(decoded.event, Heartbeats):
+        raise InvalidEvent(OVERSIZED, f"{len(body)} bytes > {MAX_EVENT_BYTES}")
+    return decoded
+
+
+def decode_item(item: str, user_id: str | None) -> DecodedEvent:
+    """One item of a batched heartbeat: a heartbeat as it would be sent alone (signed or
+    not); ``user_id`` is the batch's (AMQP path). Raises InvalidEvent like decode_ingest."""
+    body = item.encode()
+    if len(body) > MAX_EVENT_BYTES:
+        raise InvalidEvent(OVERSIZED, f"item of {len(body)} bytes > {MAX_EVENT_BYTES}")
+    decoded = _decode(body, user_id)
+    if not isinstance(decoded.event, Heartbeat):
+        raise InvalidEvent(INVALID, f"a batch holds heartbeats only, not {decoded.event.type!r}")
+    return decoded
+
+
+def _decode(body: bytes, user_id: str | None) -> DecodedEvent:
     signature, body = split_signed(body)
     try:
         # one strict pass for valid events ("seq": "2" is a client bug to surface, not a
@@ -169,5 +197,5 @@ def decode_ingest(body: bytes) -> DecodedEvent:
     except ValidationError as exc:
         raise _refusal(body, exc) from exc
     if "v" not in event.model_fields_set:
-        raise InvalidEvent(UNKNOWN_VERSION, f"v missing, this worker speaks v={PROTOCOL_VERSION}")
+        raise InvalidEvent(UNKNOWN_VERSION, f"v missing, this worker speaks {_SPOKEN}")
     return DecodedEvent(event, user_id, signature, body)

@@ -42,6 +42,7 @@ __all__ = [
     "DeltaKind",
     "Deregister",
     "Heartbeat",
+    "Heartbeats",
     "IngestEvent",
     "Instance",
     "InstanceStatus",
@@ -266,11 +267,29 @@ class Tick(BaseModel):
     outage: bool = False
 
 
+class Heartbeats(BaseModel):
+    """Renewals of several instances of one partition in one event (contract v2).
+
+    Each item is a heartbeat event exactly as it would be sent alone: its JSON, signed
+    (``<sig>.<json>``) when auth is enforced, so each is validated and authorised by itself
+    and a bad one is dead-lettered alone. One message instead of one per instance: the
+    broker's cost is per message, not per byte.
+
+        Heartbeats(items=[signed_heartbeat_json, ...])
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[2] = 2
+    type: Literal["heartbeats"] = "heartbeats"
+    items: list[str] = Field(min_length=1, max_length=c.MAX_BATCH_ITEMS)
+
+
 IngestEvent = Annotated[
-    Register | Heartbeat | Deregister | SetStatus | Tick, Field(discriminator="type")
+    Register | Heartbeat | Deregister | SetStatus | Tick | Heartbeats, Field(discriminator="type")
 ]
-ingest_adapter: TypeAdapter[Register | Heartbeat | Deregister | SetStatus | Tick] = TypeAdapter(
-    IngestEvent
+ingest_adapter: TypeAdapter[Register | Heartbeat | Deregister | SetStatus | Tick | Heartbeats] = (
+    TypeAdapter(IngestEvent)
 )
 
 

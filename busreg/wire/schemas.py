@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from busreg.constants import PROTOCOL_VERSION
+from busreg.constants import BATCH_PROTOCOL_VERSION, PROTOCOL_VERSION
 from busreg.wire.models import Delta, Instance, Snapshot, SnapshotRequest, ingest_adapter
 
 __all__ = [
@@ -139,8 +139,11 @@ def build_schemas() -> dict[str, dict[str, Any]]:
     """File name -> JSON Schema (draft 2020-12) of every wire contract."""
     ingest_doc = (
         f"One message in an ingest partition stream (contract v{PROTOCOL_VERSION}): register, "
-        "heartbeat, deregister, or a worker's watermark tick, selected by 'type'. The stream "
-        "message body is this JSON, either raw or as the data section of an AMQP 1.0 message."
+        "heartbeat, deregister, set-status, or a worker's watermark tick, selected by 'type'; "
+        f"or (contract v{BATCH_PROTOCOL_VERSION}) heartbeats: several heartbeats of one "
+        "partition in one message, each item a heartbeat event's JSON exactly as it would be "
+        "sent alone (signed when auth is enforced). The stream message body is this JSON, "
+        "either raw or as the data section of an AMQP 1.0 message."
     )
     contracts: list[tuple[str, str, dict[str, Any], str | None]] = [
         ("ingest-event", "IngestEvent", _ingest_schema(), ingest_doc),

@@ -182,18 +182,46 @@ ROWS: dict[str, Row] = {
         "4 no false expiry: a jump in broker time larger than max_step (nobody could write) "
         "advances the partition clock by at most max_step, each jump on its own",
         [
-            S(up(0, T, "a"), note="first event sets clock = last_ts = ts",
-              result={"applied": 1, "changes": 1}, clock=T, last_ts=T, live={"a"}),
-            S(tick(1, T + 60_000), note="60 s gap > ttl: clamped to 1 s, nothing expires",
-              result={"expired": 0}, clock=T + 1_000, last_ts=T + 60_000,
-              grace_until=T + 1_000 + GRACE_MS, live={"a"}),
-            S(tick(2, T + 60_400), note="a normal step is taken in full",
-              clock=T + 1_400, last_ts=T + 60_400, grace_until=T + 6_000),
-            S(tick(3, T + 61_400), note="exactly max_step: not clamped, no new grace",
-              clock=T + 2_400, grace_until=T + 6_000),
-            S(tick(4, T + 200_000), tick(5, T + 400_000), note="two jumps in one batch",
-              clock=T + 4_400, last_ts=T + 400_000, grace_until=T + 4_400 + GRACE_MS,
-              result={"expired": 0, "offset": 5}, live={"a"}),
+            S(
+                up(0, T, "a"),
+                note="first event sets clock = last_ts = ts",
+                result={"applied": 1, "changes": 1},
+                clock=T,
+                last_ts=T,
+                live={"a"},
+            ),
+            S(
+                tick(1, T + 60_000),
+                note="60 s gap > ttl: clamped to 1 s, nothing expires",
+                result={"expired": 0},
+                clock=T + 1_000,
+                last_ts=T + 60_000,
+                grace_until=T + 1_000 + GRACE_MS,
+                live={"a"},
+            ),
+            S(
+                tick(2, T + 60_400),
+                note="a normal step is taken in full",
+                clock=T + 1_400,
+                last_ts=T + 60_400,
+                grace_until=T + 6_000,
+            ),
+            S(
+                tick(3, T + 61_400),
+                note="exactly max_step: not clamped, no new grace",
+                clock=T + 2_400,
+                grace_until=T + 6_000,
+            ),
+            S(
+                tick(4, T + 200_000),
+                tick(5, T + 400_000),
+                note="two jumps in one batch",
+                clock=T + 4_400,
+                last_ts=T + 400_000,
+                grace_until=T + 4_400 + GRACE_MS,
+                result={"expired": 0, "offset": 5},
+                live={"a"},
+            ),
         ],
     ),
     "outage-grace": Row(
@@ -202,21 +230,57 @@ ROWS: dict[str, Row] = {
         "the others expire once it is over",
         [
             S(up(0, T, "a"), up(1, T, "b"), live={"a", "b"}),  # deadlines T + 3000
-            S(tick(2, T + 600_000), note="10 min outage",
-              clock=T + 1_000, grace_until=T + 6_000, result={"expired": 0}),
-            S(tick(3, T + 601_000), tick(4, T + 602_000), tick(5, T + 603_000),
-              note="past both deadlines, but in the grace",
-              clock=T + 4_000, result={"expired": 0}, live={"a", "b"}),
-            S(up(6, T + 604_000, "b", seq=2), note="b reconnects: deadline T + 8000",
-              clock=T + 5_000, result={"expired": 0, "applied": 1}, live={"a", "b"}),
-            S(tick(7, T + 604_999), note="grace_until - 1",
-              clock=T + 5_999, result={"expired": 0}, live={"a", "b"}),
-            S(tick(8, T + 605_001), note="grace over: a expires, b does not",
-              clock=T + 6_001, result={"expired": 1, "changes": 1}, live={"b"},
-              outbox=[("added", 1, None, "a"), ("added", 2, None, "b"),
-                      ("removed", 3, "expired", "a")]),
-            S(tick(9, T + 606_000), tick(10, T + 607_000), note="b's deadline reached, not passed",
-              clock=T + 8_000, grace_until=T + 6_000, result={"expired": 0}, live={"b"}),
+            S(
+                tick(2, T + 600_000),
+                note="10 min outage",
+                clock=T + 1_000,
+                grace_until=T + 6_000,
+                result={"expired": 0},
+            ),
+            S(
+                tick(3, T + 601_000),
+                tick(4, T + 602_000),
+                tick(5, T + 603_000),
+                note="past both deadlines, but in the grace",
+                clock=T + 4_000,
+                result={"expired": 0},
+                live={"a", "b"},
+            ),
+            S(
+                up(6, T + 604_000, "b", seq=2),
+                note="b reconnects: deadline T + 8000",
+                clock=T + 5_000,
+                result={"expired": 0, "applied": 1},
+                live={"a", "b"},
+            ),
+            S(
+                tick(7, T + 604_999),
+                note="grace_until - 1",
+                clock=T + 5_999,
+                result={"expired": 0},
+                live={"a", "b"},
+            ),
+            S(
+                tick(8, T + 605_001),
+                note="grace over: a expires, b does not",
+                clock=T + 6_001,
+                result={"expired": 1, "changes": 1},
+                live={"b"},
+                outbox=[
+                    ("added", 1, None, "a"),
+                    ("added", 2, None, "b"),
+                    ("removed", 3, "expired", "a"),
+                ],
+            ),
+            S(
+                tick(9, T + 606_000),
+                tick(10, T + 607_000),
+                note="b's deadline reached, not passed",
+                clock=T + 8_000,
+                grace_until=T + 6_000,
+                result={"expired": 0},
+                live={"b"},
+            ),
             S(tick(11, T + 607_001), result={"expired": 1}, live=set(), revision=4),
         ],
     ),
@@ -225,17 +289,39 @@ ROWS: dict[str, Row] = {
         "no grace: no instance missed a renewal. A grace opened then held back the expiry of "
         "instances registered just after a worker start (test_takeover_expiry saw 9.5 s)",
         [
-            S(tick(0, T), tick(1, T + 5_000), note="5 s gap, nothing registered",
-              clock=T + 1_000, grace_until=0, result={"expired": 0}),
-            S(mark(2, T + 5_100), note="an outage mark, nothing registered",
-              clock=T + 1_100, grace_until=0),
+            S(
+                tick(0, T),
+                tick(1, T + 5_000),
+                note="5 s gap, nothing registered",
+                clock=T + 1_000,
+                grace_until=0,
+                result={"expired": 0},
+            ),
+            S(
+                mark(2, T + 5_100),
+                note="an outage mark, nothing registered",
+                clock=T + 1_100,
+                grace_until=0,
+            ),
             S(up(3, T + 5_200, "a"), note="clock T + 1,200: deadline T + 4,200", live={"a"}),
-            S(tick(4, T + 6_200), tick(5, T + 7_200), tick(6, T + 8_100), tick(7, T + 8_201),
-              note="past its deadline: expired, no grace in the way",
-              clock=T + 4_201, result={"expired": 1}, live=set(),
-              outbox=[("added", 1, None, "a"), ("removed", 2, "expired", "a")]),
-            S(up(8, T + 8_300, "b"), tick(9, T + 10_000), note="with b live, a gap opens one",
-              clock=T + 5_300, grace_until=T + 4_300 + 1_000 + GRACE_MS),
+            S(
+                tick(4, T + 6_200),
+                tick(5, T + 7_200),
+                tick(6, T + 8_100),
+                tick(7, T + 8_201),
+                note="past its deadline: expired, no grace in the way",
+                clock=T + 4_201,
+                result={"expired": 1},
+                live=set(),
+                outbox=[("added", 1, None, "a"), ("removed", 2, "expired", "a")],
+            ),
+            S(
+                up(8, T + 8_300, "b"),
+                tick(9, T + 10_000),
+                note="with b live, a gap opens one",
+                clock=T + 5_300,
+                grace_until=T + 4_300 + 1_000 + GRACE_MS,
+            ),
         ],
     ),
     "outage-mark": Row(
@@ -245,19 +331,47 @@ ROWS: dict[str, Row] = {
         "shorten a grace, and expiry resumes once the grace is over",
         [
             S(up(0, T, "a"), up(1, T, "b"), live={"a", "b"}),  # deadlines T + 3000
-            S(tick(2, T + 500), mark(3, T + 600), note="the leader moved at T + 600",
-              clock=T + 600, grace_until=T + 600 + GRACE_MS, counters={"outage_marks": 1}),
-            S(mark(4, T + 700), note="a second worker's mark: the later grace wins",
-              grace_until=T + 700 + GRACE_MS, counters={"outage_marks": 2}),
-            S(*(tick(5 + k, T + 700 + 1_000 * (k + 1)) for k in range(4)),
-              note="ticks go on, max_step apart: no gap, a's deadline passes in the grace",
-              clock=T + 4_700, grace_until=T + 5_700, result={"expired": 0}, live={"a", "b"}),
-            S(up(9, T + 5_100, "b", seq=2), note="b found the new leader: deadline T + 8100",
-              result={"expired": 0, "applied": 1}, live={"a", "b"}),
-            S(tick(10, T + 5_699), note="grace_until - 1",
-              clock=T + 5_699, result={"expired": 0}, live={"a", "b"}),
-            S(tick(11, T + 5_701), note="grace over: a (silent since T) expires",
-              result={"expired": 1}, live={"b"}),
+            S(
+                tick(2, T + 500),
+                mark(3, T + 600),
+                note="the leader moved at T + 600",
+                clock=T + 600,
+                grace_until=T + 600 + GRACE_MS,
+                counters={"outage_marks": 1},
+            ),
+            S(
+                mark(4, T + 700),
+                note="a second worker's mark: the later grace wins",
+                grace_until=T + 700 + GRACE_MS,
+                counters={"outage_marks": 2},
+            ),
+            S(
+                *(tick(5 + k, T + 700 + 1_000 * (k + 1)) for k in range(4)),
+                note="ticks go on, max_step apart: no gap, a's deadline passes in the grace",
+                clock=T + 4_700,
+                grace_until=T + 5_700,
+                result={"expired": 0},
+                live={"a", "b"},
+            ),
+            S(
+                up(9, T + 5_100, "b", seq=2),
+                note="b found the new leader: deadline T + 8100",
+                result={"expired": 0, "applied": 1},
+                live={"a", "b"},
+            ),
+            S(
+                tick(10, T + 5_699),
+                note="grace_until - 1",
+                clock=T + 5_699,
+                result={"expired": 0},
+                live={"a", "b"},
+            ),
+            S(
+                tick(11, T + 5_701),
+                note="grace over: a (silent since T) expires",
+                result={"expired": 1},
+                live={"b"},
+            ),
         ],
     ),
     "clock-backwards": Row(
@@ -265,13 +379,32 @@ ROWS: dict[str, Row] = {
         "nor forward, expire nothing, and the next forward step counts from the newest ts",
         [
             S(up(0, T, "a")),  # deadline T + 3000
-            S(tick(1, T + 1_000), tick(2, T + 2_000), tick(3, T + 2_500),
-              clock=T + 2_500, last_ts=T + 2_500, grace_until=0),
-            S(tick(4, T - 100_000), tick(5, T + 1_000), note="backwards",
-              clock=T + 2_500, last_ts=T + 2_500, grace_until=0,
-              result={"expired": 0, "offset": 5}, live={"a"}),
-            S(tick(6, T + 2_600), note="100 ms after the newest ts, not 1.6 s after the last",
-              clock=T + 2_600, last_ts=T + 2_600, grace_until=0, live={"a"}),
+            S(
+                tick(1, T + 1_000),
+                tick(2, T + 2_000),
+                tick(3, T + 2_500),
+                clock=T + 2_500,
+                last_ts=T + 2_500,
+                grace_until=0,
+            ),
+            S(
+                tick(4, T - 100_000),
+                tick(5, T + 1_000),
+                note="backwards",
+                clock=T + 2_500,
+                last_ts=T + 2_500,
+                grace_until=0,
+                result={"expired": 0, "offset": 5},
+                live={"a"},
+            ),
+            S(
+                tick(6, T + 2_600),
+                note="100 ms after the newest ts, not 1.6 s after the last",
+                clock=T + 2_600,
+                last_ts=T + 2_600,
+                grace_until=0,
+                live={"a"},
+            ),
             S(tick(7, T + 3_000), clock=T + 3_000, result={"expired": 0}, live={"a"}),
             S(tick(8, T + 3_001), clock=T + 3_001, result={"expired": 1}, live=set()),
         ],
@@ -281,21 +414,49 @@ ROWS: dict[str, Row] = {
         "clock-at-last-renewal + ttl; the revision grows by one per visible change (a no-op "
         "heartbeat is none) and the outbox gets added / modified / removed(expired)",
         [
-            S(up(0, T, "a", seq=1), result={"applied": 1, "changes": 1, "outbox": 1},
-              revision=1, live={"a"}, outbox=[("added", 1, None, "a")]),
-            S(up(1, T + 500, "a", seq=2), note="no-op heartbeat: deadline T + 3500, no delta",
-              result={"applied": 1, "changes": 0, "outbox": 1}, revision=1),
-            S(up(2, T + 1_000, "a", seq=3, status=InstanceStatus.DOWN),
-              note="status change: modified, deadline T + 4000",
-              result={"applied": 1, "changes": 1}, revision=2),
-            S(tick(3, T + 2_000), tick(4, T + 3_000), tick(5, T + 4_000),
-              note="clock == deadline: not yet", clock=T + 4_000,
-              result={"expired": 0, "changes": 0}, live={"a"}, revision=2),
-            S(tick(6, T + 4_001), clock=T + 4_001,
-              result={"expired": 1, "changes": 1, "outbox": 3}, live=set(), revision=3,
-              tombs={"a"}, counters={"applied": 3, "expired": 1},
-              outbox=[("added", 1, None, "a"), ("modified", 2, None, "a"),
-                      ("removed", 3, "expired", "a")]),
+            S(
+                up(0, T, "a", seq=1),
+                result={"applied": 1, "changes": 1, "outbox": 1},
+                revision=1,
+                live={"a"},
+                outbox=[("added", 1, None, "a")],
+            ),
+            S(
+                up(1, T + 500, "a", seq=2),
+                note="no-op heartbeat: deadline T + 3500, no delta",
+                result={"applied": 1, "changes": 0, "outbox": 1},
+                revision=1,
+            ),
+            S(
+                up(2, T + 1_000, "a", seq=3, status=InstanceStatus.DOWN),
+                note="status change: modified, deadline T + 4000",
+                result={"applied": 1, "changes": 1},
+                revision=2,
+            ),
+            S(
+                tick(3, T + 2_000),
+                tick(4, T + 3_000),
+                tick(5, T + 4_000),
+                note="clock == deadline: not yet",
+                clock=T + 4_000,
+                result={"expired": 0, "changes": 0},
+                live={"a"},
+                revision=2,
+            ),
+            S(
+                tick(6, T + 4_001),
+                clock=T + 4_001,
+                result={"expired": 1, "changes": 1, "outbox": 3},
+                live=set(),
+                revision=3,
+                tombs={"a"},
+                counters={"applied": 3, "expired": 1},
+                outbox=[
+                    ("added", 1, None, "a"),
+                    ("modified", 2, None, "a"),
+                    ("removed", 3, "expired", "a"),
+                ],
+            ),
         ],
     ),
     "tombstone-blocks-late-heartbeat": Row(
@@ -304,19 +465,40 @@ ROWS: dict[str, Row] = {
         "the tombstone is forgotten (and such a heartbeat would be applied again)",
         [
             S(up(0, T, "a", seq=5, ttl_ms=60_000), live={"a"}),
-            S(down(1, T + 100, "a", seq=6), note="tombstone, forget at T + 100 + TOMB_MS",
-              result={"applied": 1, "changes": 1}, live=set(), tombs={"a"}, revision=2,
-              outbox=[("added", 1, None, "a"), ("removed", 2, "deregistered", "a")]),
-            S(up(2, T + 200, "a", seq=5, ttl_ms=60_000), up(3, T + 300, "a", seq=6),
-              down(4, T + 300, "a", seq=6), note="late/duplicate events of the old run",
-              result={"applied": 0, "stale": 3, "changes": 0}, live=set(), tombs={"a"},
-              revision=2),
-            S(*(tick(4 + k, T + 100 + 1_000 * k) for k in range(1, 10)), tick(14, T + 10_099),
-              note="1 ms before the forget time", clock=T + 10_099, tombs={"a"}),
+            S(
+                down(1, T + 100, "a", seq=6),
+                note="tombstone, forget at T + 100 + TOMB_MS",
+                result={"applied": 1, "changes": 1},
+                live=set(),
+                tombs={"a"},
+                revision=2,
+                outbox=[("added", 1, None, "a"), ("removed", 2, "deregistered", "a")],
+            ),
+            S(
+                up(2, T + 200, "a", seq=5, ttl_ms=60_000),
+                up(3, T + 300, "a", seq=6),
+                down(4, T + 300, "a", seq=6),
+                note="late/duplicate events of the old run",
+                result={"applied": 0, "stale": 3, "changes": 0},
+                live=set(),
+                tombs={"a"},
+                revision=2,
+            ),
+            S(
+                *(tick(4 + k, T + 100 + 1_000 * k) for k in range(1, 10)),
+                tick(14, T + 10_099),
+                note="1 ms before the forget time",
+                clock=T + 10_099,
+                tombs={"a"},
+            ),
             S(tick(15, T + 10_100), note="forgotten", clock=T + 10_100, tombs=set()),
-            S(up(16, T + 10_200, "a", seq=5, ttl_ms=60_000),
-              note="without its tombstone an old heartbeat registers again",
-              result={"applied": 1, "changes": 1}, live={"a"}, revision=3),
+            S(
+                up(16, T + 10_200, "a", seq=5, ttl_ms=60_000),
+                note="without its tombstone an old heartbeat registers again",
+                result={"applied": 1, "changes": 1},
+                live={"a"},
+                revision=3,
+            ),
         ],
     ),
     "tombstone-of-unknown-instance": Row(
@@ -324,15 +506,35 @@ ROWS: dict[str, Row] = {
         "tombstone, so older heartbeats (lower seq or older incarnation) stay out; a newer "
         "one re-adds the instance and clears the tombstone",
         [
-            S(down(0, T, "x", inc=2, seq=3), result={"stale": 1, "applied": 0, "changes": 0},
-              live=set(), tombs={"x"}, revision=0),
-            S(up(1, T + 10, "x", inc=2, seq=2), up(2, T + 20, "x", inc=1, seq=99),
-              up(3, T + 30, "x", inc=2, seq=3), result={"stale": 3, "changes": 0},
-              live=set(), tombs={"x"}),
-            S(up(4, T + 40, "x", inc=2, seq=4), result={"applied": 1, "changes": 1},
-              live={"x"}, tombs=set(), revision=1),
-            S(down(5, T + 50, "x", inc=2, seq=4), note="same version as stored: stale",
-              result={"stale": 1, "applied": 0, "changes": 0}, live={"x"}, tombs=set()),
+            S(
+                down(0, T, "x", inc=2, seq=3),
+                result={"stale": 1, "applied": 0, "changes": 0},
+                live=set(),
+                tombs={"x"},
+                revision=0,
+            ),
+            S(
+                up(1, T + 10, "x", inc=2, seq=2),
+                up(2, T + 20, "x", inc=1, seq=99),
+                up(3, T + 30, "x", inc=2, seq=3),
+                result={"stale": 3, "changes": 0},
+                live=set(),
+                tombs={"x"},
+            ),
+            S(
+                up(4, T + 40, "x", inc=2, seq=4),
+                result={"applied": 1, "changes": 1},
+                live={"x"},
+                tombs=set(),
+                revision=1,
+            ),
+            S(
+                down(5, T + 50, "x", inc=2, seq=4),
+                note="same version as stored: stale",
+                result={"stale": 1, "applied": 0, "changes": 0},
+                live={"x"},
+                tombs=set(),
+            ),
         ],
     ),
     "stale-and-replayed": Row(
@@ -341,23 +543,41 @@ ROWS: dict[str, Row] = {
         "and do not move the clock",
         [
             S(up(0, T, "a", seq=2), result={"offset": 0, "applied": 1}, revision=1),
-            S(up(1, T + 10, "a", seq=2), up(2, T + 20, "a", seq=1),
-              up(3, T + 30, "a", inc=0, seq=9), note="duplicate, older seq, older incarnation",
-              result={"offset": 3, "applied": 0, "stale": 3, "changes": 0, "replayed": 0},
-              clock=T + 30, revision=1),
-            S(up(0, T + 999_999, "a", seq=7), up(2, T + 999_999, "a", seq=7),
-              up(3, T + 999_999, "a", seq=7, status=InstanceStatus.DOWN),
-              note="replay of committed offsets, even with newer versions",
-              result={"offset": 3, "replayed": 3, "applied": 0, "stale": 0, "changes": 0},
-              clock=T + 30, last_ts=T + 30, revision=1),
-            S(up(3, T + 40, "a", seq=8), up(4, T + 50, "a", seq=8, status=InstanceStatus.DOWN),
-              note="mixed batch: 3 replayed, 4 applied",
-              result={"offset": 4, "replayed": 1, "applied": 1, "changes": 1},
-              clock=T + 50, revision=2),
+            S(
+                up(1, T + 10, "a", seq=2),
+                up(2, T + 20, "a", seq=1),
+                up(3, T + 30, "a", inc=0, seq=9),
+                note="duplicate, older seq, older incarnation",
+                result={"offset": 3, "applied": 0, "stale": 3, "changes": 0, "replayed": 0},
+                clock=T + 30,
+                revision=1,
+            ),
+            S(
+                up(0, T + 999_999, "a", seq=7),
+                up(2, T + 999_999, "a", seq=7),
+                up(3, T + 999_999, "a", seq=7, status=InstanceStatus.DOWN),
+                note="replay of committed offsets, even with newer versions",
+                result={"offset": 3, "replayed": 3, "applied": 0, "stale": 0, "changes": 0},
+                clock=T + 30,
+                last_ts=T + 30,
+                revision=1,
+            ),
+            S(
+                up(3, T + 40, "a", seq=8),
+                up(4, T + 50, "a", seq=8, status=InstanceStatus.DOWN),
+                note="mixed batch: 3 replayed, 4 applied",
+                result={"offset": 4, "replayed": 1, "applied": 1, "changes": 1},
+                clock=T + 50,
+                revision=2,
+            ),
             S(tick(10, T + 60), result={"offset": 10, "replayed": 0}),
-            S(tick(7, T + 70), note="a gap below the offset is still replayed",
-              result={"offset": 10, "replayed": 1}, clock=T + 60,
-              counters={"applied": 2, "stale": 3, "replayed": 5}),
+            S(
+                tick(7, T + 70),
+                note="a gap below the offset is still replayed",
+                result={"offset": 10, "replayed": 1},
+                clock=T + 60,
+                counters={"applied": 2, "stale": 3, "replayed": 5},
+            ),
         ],
     ),
 }
@@ -414,8 +634,11 @@ async def test_expiry_and_tombstone_caps_per_call(store: PartitionStore) -> None
     assert (res.applied, res.changes, res.outbox) == (n, n, n)
 
     key = store.prefix(P)
-    res = await _apply(store, lease, [tick(n + k, T + 1_000 * (k + 1)) for k in range(3)]
-                       + [tick(n + 3, T + 3_001)])
+    res = await _apply(
+        store,
+        lease,
+        [tick(n + k, T + 1_000 * (k + 1)) for k in range(3)] + [tick(n + 3, T + 3_001)],
+    )
     assert res.expired == EXPIRY_CAP
     assert await store.redis.hlen(key + "s:" + SVC) == n - EXPIRY_CAP
     assert await store.redis.zcard(key + "deadlines") == n - EXPIRY_CAP
@@ -595,8 +818,9 @@ async def test_a_new_owner_expires_and_announces_services_it_never_named(
 # --- operator status overrides (op O) ---------------------------------------------------
 
 
-def override(off: int, ts: int, iid: str, status: str, *, by: str = "alice",
-             reason: str = "drain") -> Event:
+def override(
+    off: int, ts: int, iid: str, status: str, *, by: str = "alice", reason: str = "drain"
+) -> Event:
     """An operator's status override ('O'); status '' clears it. Encoded as BatchEncoder."""
     record = json.dumps({"by": by, "identity": None, "reason": reason}, separators=(",", ":"))
     return (off, ts, "O", SVC, iid, status, 0, record)
@@ -635,7 +859,11 @@ async def test_an_operator_override_holds_until_cleared_restarted_or_removed(
     assert delta["kind"] == "modified"
     assert delta["instance"]["status"] == oos
     assert delta["instance"]["override"] == {
-        "status": oos, "at": T + 10, "by": "alice", "identity": None, "reason": "drain"
+        "status": oos,
+        "at": T + 10,
+        "by": "alice",
+        "identity": None,
+        "reason": "drain",
     }
     inst = await shown("a")
     assert inst.status == oos
@@ -678,3 +906,51 @@ async def test_an_operator_override_holds_until_cleared_restarted_or_removed(
     assert (removed["kind"], removed["reason"]) == ("removed", "deregistered")
     assert removed["instance"]["override"]["status"] == "DOWN"
     assert await store.redis.hlen(store.prefix(P) + "ovr") == 0
+
+
+# --- batched heartbeats (contract v2): op B and its items u / x ----------------------------
+
+
+def batch(off: int, ts: int, *items: Event) -> list[Event]:
+    """A batch message ('B') followed by its items, as BatchEncoder expands it."""
+    return [(off, ts, "B", "", "", "", len(items), ""), *items]
+
+
+def item(iid: str, *, seq: int = 1, ttl_ms: int = 3_000) -> Event:
+    """One heartbeat of a batch ('u'): no offset or time of its own (the batch's apply)."""
+    payload = _payload(iid, 1, seq, ttl_ms, InstanceStatus.UP)
+    return (-1, -1, "u", SVC, iid, _version(1, seq), ttl_ms, payload)
+
+
+def refused_item(letter: str) -> Event:
+    """An item refused alone ('x'): its dead letter goes out through the outbox."""
+    return (-1, -1, "x", "", "", "", 0, letter)
+
+
+async def test_a_batch_applies_its_items_once_with_its_offset_and_clock(
+    store: PartitionStore,
+) -> None:
+    lease = await _lease(store)
+    await _apply(store, lease, [tick(9, 1_000)])
+    first = await _apply(store, lease, batch(10, 1_500, item("a"), item("b", ttl_ms=2_000)))
+    assert (first.offset, first.applied, first.replayed) == (10, 2, 0)
+    assert [(k, iid) for k, _, _, iid in await _outbox(store)] == [("added", "a"), ("added", "b")]
+    # the items' leases run from the batch's time on the partition clock
+    deadlines = dict(
+        await store.redis.zrange(store.prefix(P) + "deadlines", 0, -1, withscores=True)
+    )
+    assert deadlines[f"{SVC}\x1fa".encode()] == 1_500 + 3_000
+    assert deadlines[f"{SVC}\x1fb".encode()] == 1_500 + 2_000
+    # the same message again (a redelivery after a takeover): skipped whole, counted once
+    again = await _apply(store, lease, batch(10, 1_500, item("a", seq=5), item("c")))
+    assert (again.applied, again.replayed, again.changes) == (0, 1, 0)
+    assert "c" not in {iid for _, _, _, iid in await _outbox(store)}
+    # a later batch renews, and an item refused alone leaves the others applied
+    letter = f"{store.namespace}.deadletter\x1funauthorised\x1f{{}}"
+    later = await _apply(
+        store, lease, [*batch(11, 1_800, item("a", seq=2), refused_item(letter)), tick(12, 1_900)]
+    )
+    assert (later.offset, later.applied, later.stale) == (12, 1, 0)
+    assert later.entries == (letter.encode(),)
+    # and nothing expired: the items' deadlines moved with the batch
+    assert later.expired == 0

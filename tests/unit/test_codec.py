@@ -130,16 +130,21 @@ def test_malformed(body: bytes) -> None:
 @pytest.mark.parametrize(
     "data",
     [
-        _raw(v=2),
+        _raw(v=3),
         _raw(v=0),
         _raw(v="1"),
         _raw(v=None),
         {k: v for k, v in _raw().items() if k != "v"},
     ],
-    ids=["v=2", "v=0", "v='1'", "v=null", "no-v"],
+    ids=["v=3", "v=0", "v='1'", "v=null", "no-v"],
 )
 def test_unknown_version(data: dict[str, Any]) -> None:
     assert _reason(orjson.dumps(data)) == "unknown-version"
+
+
+def test_v2_is_the_batch_only() -> None:
+    # contract v2 adds the batched heartbeat; a single event stays v1
+    assert _reason(orjson.dumps(_raw(v=2))) == "invalid"
 
 
 @pytest.mark.parametrize(
@@ -189,9 +194,9 @@ def test_invalid_inside_amqp() -> None:
 
 def test_invalid_event_carries_reason_and_detail() -> None:
     with pytest.raises(InvalidEvent) as info:
-        decode_ingest(orjson.dumps(_raw(v=2)))
+        decode_ingest(orjson.dumps(_raw(v=3)))
     assert info.value.reason == "unknown-version"
-    assert "v=2" in info.value.detail
+    assert "v=3" in info.value.detail
     assert str(info.value).startswith("unknown-version: ")
 
 

@@ -19,6 +19,9 @@
 --   op G = an outage mark (a tick from a worker that lost its way to the stream: its
 --          leader moved or its node went away): every writer must find the stream again,
 --          so expiry waits for `grace` ms of partition clock from here, as after a gap
+--   op B = a batch of heartbeats (one message): its items follow as groups of their own,
+--          op u (a heartbeat, fields as U) or op x (an item refused alone: payload = its
+--          dead letter), applied with the batch's offset and clock or skipped with it
 --   op O = an operator's status override (busreg set-status): version slot = the status
 --          (UP, DOWN, OUT_OF_SERVICE; '' clears), payload = {"by","identity","reason"} JSON
 --
@@ -222,117 +225,141 @@ if replid and cur[8] ~= replid then
   end
 end
 
+-- op U, and u (an item of a batch): a register or heartbeat
+local function upsert(b)
+  local service, iid, ver = ARGV[b + 4], ARGV[b + 5], ARGV[b + 6]
+  local ttl, inst = tonumber(ARGV[b + 7]), ARGV[b + 8]
+  local field = service .. SEP .. iid
+  local sk = skey(service)
+  local prev = redis.call('HGET', sk, iid)
+  local fresh
+  if prev then
+    fresh = ver > string.sub(prev, 1, VW)
+  else
+    local t = redis.call('HGET', tomb, field)
+    fresh = (not t) or ver > t
+    if fresh and t then
+      redis.call('HDEL', tomb, field)
+      redis.call('ZREM', tombdl, field)
+    end
+  end
+  if fresh then
+    applied = applied + 1
+    redis.call('ZADD', dls, clock + ttl, field)
+    -- the version changes with every event, so the entry is always rewritten; only a
+    -- change of what subscribers see is announced
+    redis.call('HSET', sk, iid, ver .. inst)
+    -- a new incarnation (the instance restarted) ends an operator's override
+    local dropped = false
+    if prev and string.sub(ver, 1, 20) > string.sub(prev, 1, 20) then
+      dropped = redis.call('HDEL', ovr, field) == 1
+    end
+    if not prev then
+      announce(service, 'added', visible(service, iid, inst), nil)
+    elseif dropped or string.sub(prev, VW + 1) ~= inst then
+      announce(service, 'modified', visible(service, iid, inst), nil)
+    end
+  else
+    stale = stale + 1
+  end
+end
+
+-- the dead letter in a group's payload, if any, goes out through the outbox
+local function dead_letter(b)
+  local dead = ARGV[b + 8]
+  if dead ~= '' then
+    redis.call('RPUSH', outbox, dead)
+    changes = changes + 1
+    fresh[changes] = dead
+  end
+end
+
+-- A batch (op B: one message, one offset) is followed by its items as groups of their own:
+-- u (a heartbeat) or x (an item refused alone, with its dead letter). They carry no offset
+-- or time of their own: applied with their batch, or skipped with it when it is replayed.
+local skipping = false
 for i = 0, n - 1 do
   local b = FIRST + i * 8
-  local off = tonumber(ARGV[b + 1])
-  if off <= offset then
-    replayed = replayed + 1
-  else
-    offset = off
-    local ts = tonumber(ARGV[b + 2])
-    if last_ts == nil then
-      last_ts, clock = ts, ts
-    elseif ts > last_ts then
-      local step = ts - last_ts
-      if step > max_step then
-        step = max_step
-        -- the grace is for leases that could not be renewed across the gap; with none
-        -- live there is nothing to wait for (a fresh or quiet partition: a grace opened
-        -- then would hold back the expiry of instances that register after it)
-        if redis.call('ZCARD', dls) > 0 then grace_until = clock + step + grace end
-      end
-      clock, last_ts = clock + step, ts
+  local op = ARGV[b + 3]
+  if op == 'u' or op == 'x' then
+    if not skipping then
+      if op == 'u' then upsert(b) else dead_letter(b) end
     end
-    local op = ARGV[b + 3]
-    if op == 'U' then
-      local service, iid, ver = ARGV[b + 4], ARGV[b + 5], ARGV[b + 6]
-      local ttl, inst = tonumber(ARGV[b + 7]), ARGV[b + 8]
-      local field = service .. SEP .. iid
-      local sk = skey(service)
-      local prev = redis.call('HGET', sk, iid)
-      local fresh
-      if prev then
-        fresh = ver > string.sub(prev, 1, VW)
-      else
-        local t = redis.call('HGET', tomb, field)
-        fresh = (not t) or ver > t
-        if fresh and t then
-          redis.call('HDEL', tomb, field)
-          redis.call('ZREM', tombdl, field)
+  else
+    local off = tonumber(ARGV[b + 1])
+    if off <= offset then
+      replayed = replayed + 1
+      skipping = op == 'B'
+    else
+      skipping = false
+      offset = off
+      local ts = tonumber(ARGV[b + 2])
+      if last_ts == nil then
+        last_ts, clock = ts, ts
+      elseif ts > last_ts then
+        local step = ts - last_ts
+        if step > max_step then
+          step = max_step
+          -- the grace is for leases that could not be renewed across the gap; with none
+          -- live there is nothing to wait for (a fresh or quiet partition: a grace opened
+          -- then would hold back the expiry of instances that register after it)
+          if redis.call('ZCARD', dls) > 0 then grace_until = clock + step + grace end
         end
+        clock, last_ts = clock + step, ts
       end
-      if fresh then
-        applied = applied + 1
-        redis.call('ZADD', dls, clock + ttl, field)
-        -- the version changes with every event, so the entry is always rewritten; only a
-        -- change of what subscribers see is announced
-        redis.call('HSET', sk, iid, ver .. inst)
-        -- a new incarnation (the instance restarted) ends an operator's override
-        local dropped = false
-        if prev and string.sub(ver, 1, 20) > string.sub(prev, 1, 20) then
-          dropped = redis.call('HDEL', ovr, field) == 1
-        end
-        if not prev then
-          announce(service, 'added', visible(service, iid, inst), nil)
-        elseif dropped or string.sub(prev, VW + 1) ~= inst then
-          announce(service, 'modified', visible(service, iid, inst), nil)
-        end
-      else
-        stale = stale + 1
-      end
-    elseif op == 'D' then
-      local service, iid, ver = ARGV[b + 4], ARGV[b + 5], ARGV[b + 6]
-      local field = service .. SEP .. iid
-      local prev = redis.call('HGET', skey(service), iid)
-      if prev and ver > string.sub(prev, 1, VW) then
-        applied = applied + 1
-        remove(service, iid, field, ver, 'deregistered', prev)
-      else
-        stale = stale + 1
-        -- unknown instance: remember the deregistration so an older, late heartbeat of
-        -- the same incarnation cannot register it afterwards
-        if not prev then
-          local t = redis.call('HGET', tomb, field)
-          if (not t) or ver > t then forget(field, ver) end
-        end
-      end
-    elseif op == 'G' then
-      if redis.call('ZCARD', dls) > 0 then grace_until = math.max(grace_until, clock + grace) end
-      marks = marks + 1
-    elseif op == 'O' then
-      -- an operator's override of a live instance (bound to its current incarnation);
-      -- one for an unknown instance changes nothing (the CLI checks and says so)
-      local service, iid, status = ARGV[b + 4], ARGV[b + 5], ARGV[b + 6]
-      local field = service .. SEP .. iid
-      local prev = redis.call('HGET', skey(service), iid)
-      if prev then
-        local old = redis.call('HGET', ovr, field)
-        local stored = string.sub(prev, VW + 1)
-        local before = visible(service, iid, stored)
-        if status == '' then
-          redis.call('HDEL', ovr, field)
+      if op == 'U' then
+        upsert(b)
+      elseif op == 'B' then
+        -- nothing of its own: its items follow
+      elseif op == 'D' then
+        local service, iid, ver = ARGV[b + 4], ARGV[b + 5], ARGV[b + 6]
+        local field = service .. SEP .. iid
+        local prev = redis.call('HGET', skey(service), iid)
+        if prev and ver > string.sub(prev, 1, VW) then
+          applied = applied + 1
+          remove(service, iid, field, ver, 'deregistered', prev)
         else
-          -- the record keeps the time of the first of identical overrides (a retried
-          -- publish changes nothing); "at" is broker time (ms), never the client's clock
-          local body = string.sub(ARGV[b + 8], 2)
-          local same = old and string.match(old, '^%d+{"status":"' .. status .. '","at":%d+,(.*)$')
-          if same ~= body or string.sub(old, 1, 20) ~= string.sub(prev, 1, 20) then
-            redis.call('HSET', ovr, field, string.sub(prev, 1, 20) .. '{"status":"' .. status
-              .. '","at":' .. ARGV[b + 2] .. ',' .. body)
+          stale = stale + 1
+          -- unknown instance: remember the deregistration so an older, late heartbeat of
+          -- the same incarnation cannot register it afterwards
+          if not prev then
+            local t = redis.call('HGET', tomb, field)
+            if (not t) or ver > t then forget(field, ver) end
           end
         end
-        applied = applied + 1
-        local after = visible(service, iid, stored)
-        if after ~= before then announce(service, 'modified', after, nil) end
+      elseif op == 'G' then
+        if redis.call('ZCARD', dls) > 0 then grace_until = math.max(grace_until, clock + grace) end
+        marks = marks + 1
+      elseif op == 'O' then
+        -- an operator's override of a live instance (bound to its current incarnation);
+        -- one for an unknown instance changes nothing (the CLI checks and says so)
+        local service, iid, status = ARGV[b + 4], ARGV[b + 5], ARGV[b + 6]
+        local field = service .. SEP .. iid
+        local prev = redis.call('HGET', skey(service), iid)
+        if prev then
+          local old = redis.call('HGET', ovr, field)
+          local stored = string.sub(prev, VW + 1)
+          local before = visible(service, iid, stored)
+          if status == '' then
+            redis.call('HDEL', ovr, field)
+          else
+            -- the record keeps the time of the first of identical overrides (a retried
+            -- publish changes nothing); "at" is broker time (ms), never the client's clock
+            local body = string.sub(ARGV[b + 8], 2)
+            local same = old and string.match(old, '^%d+{"status":"' .. status .. '","at":%d+,(.*)$')
+            if same ~= body or string.sub(old, 1, 20) ~= string.sub(prev, 1, 20) then
+              redis.call('HSET', ovr, field, string.sub(prev, 1, 20) .. '{"status":"' .. status
+                .. '","at":' .. ARGV[b + 2] .. ',' .. body)
+            end
+          end
+          applied = applied + 1
+          local after = visible(service, iid, stored)
+          if after ~= before then announce(service, 'modified', after, nil) end
+        else
+          stale = stale + 1
+        end
       else
-        stale = stale + 1
-      end
-    else
-      local dead = ARGV[b + 8]
-      if dead ~= '' then
-        redis.call('RPUSH', outbox, dead)
-        changes = changes + 1
-        fresh[changes] = dead
+        dead_letter(b)
       end
     end
   end
