@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
-__all__ = ["cancel_until_done", "close_quietly"]
+__all__ = ["cancel_until_done", "close_quietly", "until_signal"]
 
 log = logging.getLogger("busreg.tasks")
 
@@ -41,3 +42,15 @@ async def close_quietly(
             await close()
     except Exception as exc:  # the peer may be gone already; nothing to keep
         log.debug("%s close: %r", what, exc)
+
+
+async def until_signal(main: Callable[[], Awaitable[None]], on_signal: Callable[[], None]) -> None:
+    """Run ``main()``; SIGTERM and SIGINT call ``on_signal`` (a graceful stop) meanwhile."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await main()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

@@ -33,7 +33,16 @@ from busreg.settings import Settings
 
 __all__ = ["EXTRA_SCENARIOS", "SCENARIOS", "main"]
 
-SCENARIOS = ("baselines", "ingestion", "drain", "latency", "crash", "takeover", "idle")
+SCENARIOS = (
+    "baselines",
+    "ingestion",
+    "batched",
+    "drain",
+    "latency",
+    "crash",
+    "takeover",
+    "idle",
+)
 #: run only when asked for (they need a second broker): ``--scenarios replication``
 EXTRA_SCENARIOS = ("replication",)
 #: sections computed from another scenario's run
@@ -162,6 +171,11 @@ async def run_bench(
         if "ingestion" in selected:
             progress(f"ingestion at {', '.join(f'{n:,}' for n in cfg.sizes)} instances")
             results["ingestion"] = await run_ingestion(settings, procs, cfg, args.profile)
+        if "batched" in selected:
+            from busreg.bench.batched import run_batched
+
+            progress("batched leases")
+            results["batched"] = await run_batched(settings, procs, cfg)
         if "drain" in selected:
             progress("backlog drain")
             results["drain"] = await run_drain(settings, procs, cfg, raw_consume)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["fmt_num", "fmt_ratio"]
+__all__ = ["fmt_num", "fmt_ratio", "table"]
 
 
 def fmt_num(value: Any, digits: int = 0, unit: str = "") -> str:
@@ -21,3 +21,11 @@ def fmt_num(value: Any, digits: int = 0, unit: str = "") -> str:
 
 def fmt_ratio(value: Any) -> str:
     return "-" if value is None else f"{value:.2f}x"
+
+
+def table(title: str, header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    line = "  ".join("-" * w for w in widths)
+    out = [title, line, "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)), line]
+    out += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(out) + "\n"

@@ -93,8 +93,12 @@ class HeartbeatLoad:
         ttl: float,
         interval: float = 1.0,
         prefix: str = "i",
+        per_message: int = 1,
     ) -> None:
         self.settings = settings
+        #: heartbeats per message: above 1, a partition's heartbeats go out as batched
+        #: heartbeat events (contract v2) of this many items, as a Registry sends them
+        self.per_message = per_message
         self.services = services
         self.ttl = ttl
         self.interval = interval
@@ -121,6 +125,7 @@ class HeartbeatLoad:
         self.tracked: set[int] = set()
         self.last_confirm: dict[int, float] = {}
         self._callbacks = [functools.partial(self._on_confirm, k) for k in self._streams_range()]
+        self._item_callbacks: dict[int, Any] = {}
         self._cursor = 0
         self._confirm_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
@@ -158,11 +163,38 @@ class HeartbeatLoad:
             self.confirmed += 1
         else:
             self.failed += 1
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
         if self._confirm_waiters:
             done = self.confirmed + self.failed
             for target, fut in self._confirm_waiters:
                 if done >= target and not fut.done():
                     fut.set_result(None)
+
+    def _on_confirm_items(self, n: int, status: Any) -> None:
+        # one batched message: n heartbeats confirmed (or failed) at once
+        if status.is_confirmed:
+            self.confirmed += n
+        else:
+            self.failed += n
+        self._wake_waiters()
+
+    async def _send_batched(self, producer: Any, k: int, bodies: list[bytes]) -> None:
+        from rstream import RawMessage
+
+        m = self.per_message
+        messages: dict[int, list[Any]] = {}
+        for i in range(0, len(bodies), m):
+            chunk = bodies[i : i + m]
+            items = b",".join(orjson.dumps(b.decode()) for b in chunk)
+            body = b'{"v":2,"type":"heartbeats","items":[' + items + b"]}"
+            messages.setdefault(len(chunk), []).append(RawMessage(body))
+        for n, group in messages.items():
+            callback = self._item_callbacks.get(n)
+            if callback is None:
+                callback = self._item_callbacks[n] = functools.partial(self._on_confirm_items, n)
+            await producer.send_batch(self._streams[k], group, on_publish_confirm=callback)
 
     def _on_tracked_confirm(self, k: int, i: int, status: Any) -> None:
         # one callback object per tracked message: rstream registers it before the frame
@@ -218,12 +250,14 @@ class HeartbeatLoad:
         self.seq = seq
         sent = 0
         for k, batch in enumerate(buckets):
-            if batch:
+            if batch and self.per_message > 1:
+                await self._send_batched(producer, k, batch)
+            elif batch:
                 await producer.send_batch(
                     self._streams[k], batch, on_publish_confirm=self._callbacks[k]
                 )
-                sent += len(batch)
-                self.sent_by_partition[k] += len(batch)
+            sent += len(batch)
+            self.sent_by_partition[k] += len(batch)
         for i, body in single:
             k = parts[i]
             await producer.send_batch(

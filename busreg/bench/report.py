@@ -10,17 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from busreg.bench.fmt import fmt_num, fmt_ratio
+from busreg.bench.cost_tables import cost_tables
+from busreg.bench.fmt import fmt_num, fmt_ratio, table
 
 __all__ = ["render", "table"]
-
-
-def table(title: str, header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
-    line = "  ".join("-" * w for w in widths)
-    out = [title, line, "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)), line]
-    out += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(out) + "\n"
 
 
 def _lat_row(name: str, stats: dict[str, Any], floor: dict[str, Any] | None) -> list[str]:
@@ -291,27 +284,7 @@ def render(res: dict[str, Any]) -> str:
                 f"{eo.get('replayed_skipped')}: {'ok' if eo.get('ok') else 'MISMATCH'}\n"
             )
         )
-    idle = res.get("idle")
-    if idle:
-        bg = idle.get("background", {})
-        rows = [
-            [
-                str(st["workers"]),
-                *(f"{100 * st['net'][k]:.2f}" for k in ("worker", "broker", "redis", "total")),
-            ]
-            for st in idle.get("steps", [])
-        ]
-        parts.append(
-            table(
-                f"5b. Idle namespace ({idle.get('partitions')} partitions, no instances; "
-                f"% of a core over {idle.get('seconds')} s, net of the servers' background)",
-                ["workers", "worker %", "broker %", "redis %", "total %"],
-                rows,
-            )
-            + "   servers' own background: "
-            + ", ".join(f"{k} {100 * v:.2f} %" for k, v in bg.items())
-            + "\n"
-        )
+    parts += cost_tables(res)
     fp = res.get("footprint")
     if fp:
         rows = [

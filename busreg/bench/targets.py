@@ -257,6 +257,15 @@ def _targets(res: dict[str, Any]) -> list[dict[str, Any]]:
             v.get("max") is not None and v["max"] <= 300,
         )
         add("no false expiry", "0", str(crash["false_expiries"]), crash["false_expiries"] == 0)
+    bt = res.get("batched")
+    if bt and bt.get("steps"):
+        best = bt.get("sustained_per_s")
+        add(
+            f"instance-heartbeats/s sustained, batched ({bt['per_message']} per message)",
+            ">= 48,000/s",
+            f"{fmt_num(best)}/s" if best else "none sustained",
+            best is not None and best >= 0.97 * 48_000,
+        )
     idle = res.get("idle")
     if idle and idle.get("steps"):
         one = idle["steps"][0]["net"]["total"] * 100

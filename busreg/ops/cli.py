@@ -19,9 +19,8 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from busreg.client.checks import parse_check
@@ -30,6 +29,7 @@ from busreg.client.registry import Registry
 from busreg.errors import BusregError, ConfigurationError
 from busreg.ops.logs import configure_logging
 from busreg.settings import Settings, load_settings
+from busreg.tasks import until_signal
 from busreg.transport.connections import connect_amqp
 from busreg.transport.topology import apply_topology, verify_partitions
 
@@ -90,6 +90,23 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--check-timeout", type=float, default=2.0, help="seconds (default 2)")
     r.add_argument("--check-failures", type=int, default=2, help="failed checks before DOWN")
     r.add_argument("--check-successes", type=int, default=1, help="passing checks before UP")
+    r.add_argument(
+        "--agent",
+        metavar="SOCKET",
+        help="register through the local agent at this Unix socket (busreg agent) instead "
+        "of connecting to the brokers; the instance lives as long as this command",
+    )
+
+    ag = sub.add_parser(
+        "agent",
+        parents=[common],
+        help="serve local instances over a Unix socket; renew their leases in batches",
+    )
+    ag.add_argument(
+        "--socket",
+        default="/run/busreg/agent.sock",
+        help="Unix socket path (default /run/busreg/agent.sock)",
+    )
 
     ls = sub.add_parser("ls", parents=[common], help="list services, or one service's instances")
     ls.add_argument("service", nargs="?")
@@ -180,17 +197,6 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
-async def _until_signal(main: Callable[[], Awaitable[None]], on_signal: Callable[[], None]) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
-    try:
-        await main()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-
-
 async def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from pydantic import ValidationError
 
@@ -212,7 +218,7 @@ async def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
             raise ConfigurationError(f"--{flag}: {message}") from None
         settings = settings.model_copy(update={"worker": worker_settings})
     async with Worker(settings, worker_id=args.worker_id) as worker:
-        await _until_signal(worker.run, worker.stop)
+        await until_signal(worker.run, worker.stop)
     return 0
 
 
@@ -238,6 +244,12 @@ async def _cmd_register(args: argparse.Namespace, settings: Settings) -> int:
     }
     # refused before anything connects (the same checks as Registry.register)
     checked_registration(settings, args.service, **fields)
+    if args.agent:
+        if args.check or args.check_cmd:
+            raise ConfigurationError("--check and --check-cmd are not supported with --agent")
+        from busreg.agent.commands import register_through_agent
+
+        return await register_through_agent(args.agent, args.service, fields)
     check = parse_check(
         args.check,
         args.check_cmd,
@@ -258,7 +270,7 @@ async def _cmd_register(args: argparse.Namespace, settings: Settings) -> int:
         async def wait() -> None:
             await stop.wait()
 
-        await _until_signal(wait, stop.set)
+        await until_signal(wait, stop.set)
     print(f"deregistered {reg.service}/{reg.instance_id}", flush=True)
     return 0
 
@@ -267,6 +279,12 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     from busreg.ops.listing import table
 
     return table(rows, header)
+
+
+async def _cmd_agent(args: argparse.Namespace, settings: Settings) -> int:
+    from busreg.agent.commands import run_agent
+
+    return await run_agent(settings, args.socket)
 
 
 async def _cmd_ls(args: argparse.Namespace, settings: Settings) -> int:
@@ -284,7 +302,7 @@ async def _cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
         args.service,
         as_json=args.json,
         duration=args.duration,
-        until=lambda run: _until_signal(run, stop.set),
+        until=lambda run: until_signal(run, stop.set),
         stop=stop,
     )
 
@@ -421,6 +439,7 @@ async def _cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]] = {
     "worker": _cmd_worker,
     "register": _cmd_register,
+    "agent": _cmd_agent,
     "ls": _cmd_ls,
     "watch": _cmd_watch,
     "topology": _cmd_topology,

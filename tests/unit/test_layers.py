@@ -28,7 +28,7 @@ LAYERS: list[set[str]] = [
     {"busreg.callers"},
     {"busreg.integrations"},
     {"busreg.ops"},
-    {"busreg.bench", "busreg.testing", "busreg.pytest_plugin", "busreg.gateway"},
+    {"busreg.bench", "busreg.testing", "busreg.pytest_plugin", "busreg.gateway", "busreg.agent"},
     {"busreg.ops.cli", "busreg"},
     {"busreg.__main__"},
 ]
@@ -39,6 +39,7 @@ TOOLS = {
     "busreg.testing",
     "busreg.pytest_plugin",
     "busreg.gateway",
+    "busreg.agent",
 }
 
 

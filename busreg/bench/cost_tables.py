@@ -1,0 +1,75 @@
+"""Report tables of what leases and an idle namespace cost: batched leases (2c) and the
+idle namespace (5b). Split from report.py, which renders the other sections."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from busreg.bench.fmt import fmt_num, table
+
+__all__ = ["cost_tables"]
+
+
+def cost_tables(res: dict[str, Any]) -> list[str]:
+    parts: list[str] = []
+    bt = res.get("batched")
+    if bt:
+        rows = []
+        for st in bt.get("steps", []):
+            w = st["window"]
+            lag = w["apply_lag_ms"]
+            rows.append(
+                [
+                    fmt_num(st["instances"]),
+                    fmt_num(w["offered_per_s"]),
+                    fmt_num(w["applied_per_s"]),
+                    fmt_num(w["messages_per_s"]),
+                    f"{fmt_num(lag.get('p50'))}/{fmt_num(lag.get('p99'))}",
+                    fmt_num(w.get("worker_us_per_heartbeat"), 1),
+                    fmt_num(w.get("broker_us_per_heartbeat"), 1),
+                    fmt_num(w.get("redis_us_per_heartbeat"), 1),
+                    fmt_num(w.get("server_us_per_heartbeat"), 1),
+                    "yes" if w.get("keeps_up") else "no",
+                ]
+            )
+        parts.append(
+            table(
+                f"2c. Batched leases ({bt.get('per_message')} heartbeats per message, 1 worker; "
+                "us per instance-heartbeat)",
+                [
+                    "instances",
+                    "offered/s",
+                    "applied/s",
+                    "messages/s",
+                    "lag p50/p99 ms",
+                    "worker us",
+                    "broker us",
+                    "redis us",
+                    "server us",
+                    "keeps up",
+                ],
+                rows,
+            )
+        )
+    idle = res.get("idle")
+    if idle:
+        bg = idle.get("background", {})
+        rows = [
+            [
+                str(st["workers"]),
+                *(f"{100 * st['net'][k]:.2f}" for k in ("worker", "broker", "redis", "total")),
+            ]
+            for st in idle.get("steps", [])
+        ]
+        parts.append(
+            table(
+                f"5b. Idle namespace ({idle.get('partitions')} partitions, no instances; "
+                f"% of a core over {idle.get('seconds')} s, net of the servers' background)",
+                ["workers", "worker %", "broker %", "redis %", "total %"],
+                rows,
+            )
+            + "   servers' own background: "
+            + ", ".join(f"{k} {100 * v:.2f} %" for k, v in bg.items())
+            + "\n"
+        )
+    return parts
