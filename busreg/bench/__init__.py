@@ -172,10 +172,12 @@ async def run_bench(
             progress(f"ingestion at {', '.join(f'{n:,}' for n in cfg.sizes)} instances")
             results["ingestion"] = await run_ingestion(settings, procs, cfg, args.profile)
         if "batched" in selected:
-            from busreg.bench.batched import run_batched
+            from busreg.bench.batched import run_agents, run_batched
 
             progress("batched leases")
             results["batched"] = await run_batched(settings, procs, cfg)
+            progress("instances behind agents")
+            results["agents"] = await run_agents(settings, procs, cfg)
         if "drain" in selected:
             progress("backlog drain")
             results["drain"] = await run_drain(settings, procs, cfg, raw_consume)

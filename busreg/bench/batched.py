@@ -11,6 +11,7 @@ and the p99 apply lag stays under 250 ms.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import signal
 import time
@@ -19,18 +20,20 @@ from typing import Any
 from busreg.bench.common import (
     BenchConfig,
     bench_namespace,
+    partition_states,
     progress,
     redis_client,
     wait_until,
 )
 from busreg.bench.ingestion import _registered, _wid, measure_window, wait_owned
-from busreg.bench.loadgen import HeartbeatLoad
-from busreg.bench.procs import Processes
+from busreg.bench.loadgen import HeartbeatLoad, service_name
+from busreg.bench.procs import CpuMeter, Processes, server_pids
+from busreg.client.registry import Registry
 from busreg.server.store import PartitionStore
 from busreg.settings import Settings
 from busreg.transport.connections import stream_producer
 
-__all__ = ["PER_MESSAGE", "run_batched"]
+__all__ = ["PER_MESSAGE", "run_agents", "run_batched"]
 
 #: Heartbeats per message: a process with a hundred registrations per partition (an agent
 #: on a big host, the Eureka gateway) sends batches of about this size.
@@ -93,3 +96,71 @@ async def run_batched(base: Settings, procs: Processes, cfg: BenchConfig) -> dic
     kept = [s for s in steps if s["window"]["keeps_up"]]
     out["sustained_per_s"] = max((s["window"]["applied_per_s"] for s in kept), default=None)
     return out
+
+
+#: The agent figure of issue 17: 1,000 instances behind 10 agents, 1 s heartbeats.
+AGENTS = 10
+PER_AGENT = 100
+
+
+async def run_agents(base: Settings, procs: Processes, cfg: BenchConfig) -> dict[str, Any]:
+    """Server CPU per instance-heartbeat when instances renew through agents.
+
+    Each "agent" here is a ``Registry`` holding ``PER_AGENT`` registrations, as
+    ``busreg agent`` does (the agent adds only its Unix socket in front, which costs the
+    servers nothing); each has its own connections and beat phase, as separate hosts."""
+    agents = 3 if cfg.quick else AGENTS
+    n = agents * PER_AGENT
+    out: dict[str, Any] = {"agents": agents, "instances": n, "services": cfg.services}
+    async with bench_namespace(base, "agents", cfg.partitions) as settings:
+        redis = await redis_client(settings)
+        store = PartitionStore(redis, settings.namespace)
+        wid = _wid("a1")
+        worker = procs.spawn_worker(settings, wid)
+        try:
+            await wait_owned(redis, settings, {wid}, 20)
+            async with contextlib.AsyncExitStack() as stack:
+                registries = [
+                    await stack.enter_async_context(Registry(settings, name=f"bench-agent-{a}"))
+                    for a in range(agents)
+                ]
+                for a, registry in enumerate(registries):
+                    for j in range(PER_AGENT):
+                        i = a * PER_AGENT + j
+                        await registry.register(
+                            service_name(i % cfg.services),
+                            address=f"10.9.{i >> 8}.{i & 255}:8080",
+                            instance_id=f"agent{a}-{j:03d}",
+                        )
+                await wait_until(
+                    functools.partial(_registered, store, redis, settings, n),
+                    cfg.register_timeout,
+                    0.2,
+                    "agent instances registered",
+                )
+                await asyncio.sleep(2.0)  # every registration past its first heartbeat
+                meter = CpuMeter([worker.pid], server_pids(settings))
+                s0 = await partition_states(redis, settings)
+                meter.start()
+                await asyncio.sleep(cfg.window)  # a measurement window
+                used = meter.stop()
+                s1 = await partition_states(redis, settings)
+                batches = sum(_batches(r) for r in registries)
+        finally:
+            await procs.stop(worker, signal.SIGKILL)
+            await redis.aclose()
+    applied = sum(b["applied"] - a["applied"] for a, b in zip(s0, s1, strict=True))
+    wall = used["wall"]
+    out["applied_per_s"] = applied / wall
+    out["batches_total"] = batches
+    for k in ("worker", "broker", "redis"):
+        out[f"{k}_us_per_heartbeat"] = used[k] / applied * 1e6 if applied else None
+    server = used["worker"] + used["broker"] + used["redis"]
+    out["server_us_per_heartbeat"] = server / applied * 1e6 if applied else None
+    out["agents_us_per_heartbeat"] = used["loadgen"] / applied * 1e6 if applied else None
+    return out
+
+
+def _batches(registry: Registry) -> int:
+    publisher = registry._publisher
+    return 0 if publisher is None or publisher.batcher is None else publisher.batcher.batches

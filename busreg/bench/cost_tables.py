@@ -72,4 +72,15 @@ def cost_tables(res: dict[str, Any]) -> list[str]:
             + ", ".join(f"{k} {100 * v:.2f} %" for k, v in bg.items())
             + "\n"
         )
+    ag = res.get("agents")
+    if ag:
+        parts.append(
+            f"   behind agents: {ag['instances']:,} instances behind {ag['agents']} agents, "
+            f"{fmt_num(ag['applied_per_s'])} heartbeats/s applied: server "
+            f"{fmt_num(ag.get('server_us_per_heartbeat'), 1)} us per instance-heartbeat "
+            f"(worker {fmt_num(ag.get('worker_us_per_heartbeat'), 1)}, broker "
+            f"{fmt_num(ag.get('broker_us_per_heartbeat'), 1)}, Redis "
+            f"{fmt_num(ag.get('redis_us_per_heartbeat'), 1)}); the agents' own "
+            f"{fmt_num(ag.get('agents_us_per_heartbeat'), 1)} us\n"
+        )
     return parts

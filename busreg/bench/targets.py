@@ -266,6 +266,15 @@ def _targets(res: dict[str, Any]) -> list[dict[str, Any]]:
             f"{fmt_num(best)}/s" if best else "none sustained",
             best is not None and best >= 0.97 * 48_000,
         )
+    ag = res.get("agents")
+    if ag:
+        us = ag.get("server_us_per_heartbeat")
+        add(
+            f"server CPU per instance-heartbeat, {ag['instances']:,} behind {ag['agents']} agents",
+            "<= 20 us",
+            f"{fmt_num(us, 1)} us",
+            us is not None and us <= 20,
+        )
     idle = res.get("idle")
     if idle and idle.get("steps"):
         one = idle["steps"][0]["net"]["total"] * 100
