@@ -14,10 +14,12 @@ from typing import Any
 import orjson
 
 from busreg import constants as c
+from busreg.constants import MAX_EVENT_BYTES
 from busreg.errors import InvalidEvent
+from busreg.server.memo import HeartbeatMemo, KnownBeat
 from busreg.server.stats import PartitionStats
 from busreg.settings import Settings
-from busreg.wire.auth import Authorizer
+from busreg.wire.auth import Authorizer, split_signed
 from busreg.wire.codec import (
     UNAUTHORISED,
     WRONG_PARTITION,
@@ -26,7 +28,7 @@ from busreg.wire.codec import (
     decode_item,
     encode_stored,
 )
-from busreg.wire.models import Deregister, Heartbeats, SetStatus, Tick
+from busreg.wire.models import Deregister, Heartbeat, Heartbeats, SetStatus, Tick
 from busreg.wire.routing import partition_for
 
 __all__ = ["DEAD_LETTER_BODY_MAX", "BatchEncoder"]
@@ -50,6 +52,7 @@ class BatchEncoder:
         self.stats = stats
         self._stream = c.ingest_partition(settings.namespace, partition)
         self._cache: dict[str, int] = {}
+        self._memo = HeartbeatMemo()
         auth = settings.auth
         self._authorizer = (
             Authorizer(auth.secret_bytes(), auth.owners, auth.accept_unsigned_amqp)
@@ -157,12 +160,56 @@ class BatchEncoder:
         )
         return self._dead_letter(bad.reason, bad.detail, offset, body)
 
+    def _known_beat(
+        self, body: bytes, offset: int, ts: int, upsert: str, user_id: str | None = None
+    ) -> tuple[Any, ...] | None:
+        """apply.lua's arguments of a heartbeat the memo knows but for its seq (None: take
+        the full path); InvalidEvent if it may not apply."""
+        if len(body) > MAX_EVENT_BYTES:
+            return None
+        signature, payload = split_signed(body)
+        hit = self._memo.lookup(payload) if payload[:1] == b"{" else None
+        if hit is None:
+            return None
+        beat, seq = hit
+        if self._partition_of(beat.service) != self.partition:
+            return None  # the full path says why
+        if self._authorizer is not None:
+            refusal = self._authorizer.check(beat.service, payload, signature, user_id)
+            if refusal is not None:
+                raise InvalidEvent(UNAUTHORISED, refusal)
+        version = f"{beat.incarnation:020d}{seq:016d}"
+        return (
+            offset,
+            ts,
+            upsert,
+            beat.service,
+            beat.instance_id,
+            version,
+            beat.ttl_ms,
+            beat.stored,
+        )
+
+    def _learn(self, decoded: DecodedEvent, group: tuple[Any, ...]) -> None:
+        event = decoded.event
+        if isinstance(event, Heartbeat) and decoded.payload:
+            self._memo.learn(
+                decoded.payload,
+                KnownBeat(event.service, event.instance_id, event.incarnation, group[6], group[7]),
+            )
+
     def encode(self, batch: list[tuple[int, int, bytes]]) -> list[Any]:
         args: list[Any] = []
         for offset, ts, body in batch:
             try:
+                known = self._known_beat(body, offset, ts, "U")
+                if known is not None:
+                    args += known
+                    continue
                 decoded = decode_ingest(body)
-                args += self._event_args(decoded, offset, ts)
+                group = self._event_args(decoded, offset, ts)
+                self._learn(decoded, group)
+                args += group
             except Exception as exc:  # one bad message must never stop a partition
                 args += (offset, ts, "N", "", "", "", 0, self._refused(exc, offset, body))
                 continue
@@ -172,9 +219,15 @@ class BatchEncoder:
                 # apply.lua applies with the batch's offset and clock, or skips with it.
                 for i, item in enumerate(decoded.event.items):
                     try:
-                        args += self._event_args(
-                            decode_item(item, decoded.user_id), offset, ts, "u"
-                        )
+                        raw = item.encode()
+                        known = self._known_beat(raw, offset, ts, "u", decoded.user_id)
+                        if known is not None:
+                            args += known
+                            continue
+                        one = decode_item(item, decoded.user_id)
+                        group = self._event_args(one, offset, ts, "u")
+                        self._learn(one, group)
+                        args += group
                     except Exception as exc:  # one bad item must not refuse the others
                         dead = self._refused(exc, offset, item.encode(), f" item={i}")
                         args += (offset, ts, "x", "", "", "", 0, dead)

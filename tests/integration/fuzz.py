@@ -61,7 +61,7 @@ def garbage(rng: random.Random, service: str, other_service: str) -> Iterator[tu
             base["metadata"] = {"blob": "x" * (MAX_EVENT_BYTES + rng.randrange(1, 5000))}
             yield json.dumps(base).encode(), "oversized"
         elif kind == "version":
-            base["v"] = rng.choice([0, 2, 99, "1", None, True, 1.5])
+            base["v"] = rng.choice([0, 3, 99, "1", None, True, 1.5])  # v2: the batch only
             yield json.dumps(base).encode(), "unknown-version"
         elif kind == "wrong-type":
             field, value = rng.choice(
