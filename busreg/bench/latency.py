@@ -23,7 +23,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -45,6 +47,7 @@ from busreg.bench.loadgen import HeartbeatLoad
 from busreg.bench.procs import Processes
 from busreg.client.registration import Registration
 from busreg.client.registry import Registry
+from busreg.server.stats import HOPS
 from busreg.server.store import PartitionStore
 from busreg.transport.connections import connect_amqp, stream_producer
 from busreg.transport.topology import declare_service_exchange
@@ -142,7 +145,12 @@ async def run_latency(
         producer = await stream_producer(settings, "busreg-bench-latency")
         conn = await connect_amqp(settings, "busreg-bench-wire")
         wid = _wid("lat")
-        worker = procs.spawn_worker(settings, wid)
+        # its metrics give the per-hop breakdown of the probes' batches (stats.HOPS)
+        port = free_port()
+        worker_cfg = settings.worker.model_copy(
+            update={"metrics_port": port, "metrics_host": "127.0.0.1"}
+        )
+        worker = procs.spawn_worker(settings.model_copy(update={"worker": worker_cfg}), wid)
         view_tasks: list[asyncio.Task[None]] = []
         try:
             await wait_owned(redis, settings, {wid}, 20)
@@ -183,6 +191,7 @@ async def run_latency(
                     )
                 await asyncio.sleep(1.0)  # views loaded, steady background
                 if probes:
+                    hops0 = await scrape_hops(port)
                     out.update(
                         await _register_deregister(
                             registrant,
@@ -193,6 +202,7 @@ async def run_latency(
                             samples,
                         )
                     )
+                    out["hops_ms"] = hop_means(hops0, await scrape_hops(port))
                     out["view_resync_changes"] = counts.get("resync_changes", 0)
                     for name in ("register", "deregister"):
                         for who in ("view", "wire"):
@@ -281,6 +291,42 @@ async def _register_deregister(
             phases.append(
                 ("deregister", "removed", [(iid, reg.deregister) for iid, reg in regs.items()])
             )
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def scrape_hops(port: int) -> dict[str, float]:
+    """Sum of the worker's per-hop seconds and its delta batches, over all partitions."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def fetch() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            return resp.read().decode()  # type: ignore[no-any-return]
+
+    text = await asyncio.to_thread(fetch)
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "busreg_partition_delta_hop_seconds_total":
+                hop = sample.labels["hop"]
+                out[hop] = out.get(hop, 0.0) + sample.value
+            elif sample.name == "busreg_partition_delta_batches_total":
+                out["batches"] = out.get("batches", 0.0) + sample.value
+    return out
+
+
+def hop_means(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """Mean ms per hop over the batches with deltas between two scrapes."""
+    n = after.get("batches", 0.0) - before.get("batches", 0.0)
+    out: dict[str, float | None] = {"batches": n}
+    for hop, _ in HOPS:
+        spent = after.get(hop, 0.0) - before.get(hop, 0.0)
+        out[hop] = spent / n * 1000 if n else None
     return out
 
 

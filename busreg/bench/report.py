@@ -12,6 +12,7 @@ from typing import Any
 
 from busreg.bench.cost_tables import cost_tables
 from busreg.bench.fmt import fmt_num, fmt_ratio, table
+from busreg.server.stats import HOPS
 
 __all__ = ["render", "table"]
 
@@ -229,6 +230,15 @@ def render(res: dict[str, Any]) -> str:
                 ["path", "n", "p50", "p90", "p99", "max", "p50 / floor", "p99 / floor"],
                 rows,
             )
+        )
+    hops = lat.get("hops_ms")
+    if hops and hops.get("batches"):
+        parts.append(
+            "   inside the worker, mean ms per batch with deltas "
+            f"({fmt_num(hops['batches'])} batches): "
+            + ", ".join(f"{hop} {fmt_num(hops.get(hop), 3)}" for hop, _ in HOPS)
+            + " (deliver: broker timestamp, ms resolution, to the worker; confirm is not on "
+            "a watcher's way)\n"
         )
     crash = lat.get("crash")
     if crash:

@@ -30,6 +30,7 @@ from busreg.settings import Settings
 from busreg.tasks import close_quietly
 from busreg.transport.connections import connect_amqp, translate
 from busreg.transport.streams import StreamWriter
+from busreg.transport.topology import verify_partitions
 from busreg.wire.auth import ADMIN, service_key, sign
 from busreg.wire.codec import encode_event
 from busreg.wire.models import (
@@ -110,6 +111,12 @@ class AmqpWriter:
                 raise
             raise PublishFailed(str(exc)) from exc
 
+    async def check_partitions(self) -> None:
+        """``verify_partitions`` on this writer's own connection."""
+        await self._ready()
+        assert self._conn is not None
+        await verify_partitions(self._conn, self._settings)
+
     async def close(self) -> None:
         if self._conn is not None:
             await close_quietly(self._conn.close, "ingest AMQP connection")
@@ -149,7 +156,6 @@ class IngestPublisher:
         if key is not None:
             body = sign(key, body)
         await self._writer.send(self.stream_for(event.service), body, timeout)
-
 
     async def heartbeat(self, event: Heartbeat, timeout: float) -> None:
         """Publish a heartbeat, in a batch with others of this process falling due at the

@@ -79,6 +79,7 @@ class Registry:
         self._writer: StreamWriter | AmqpWriter | None = None
         self._publisher: IngestPublisher | None = None
         self._producer_lock = asyncio.Lock()
+        self._amqp_lock = asyncio.Lock()
         self._registrations: list[Registration] = []
         self._views: dict[str, ServiceView] = {}
         # views being loaded: concurrent watch() calls of a service wait for the same one
@@ -89,22 +90,31 @@ class Registry:
         if self._state != "new":
             raise ClosedError("a Registry can be opened once; create a new one")
         self._state = "open"
-        try:
-            self._amqp = await connect_amqp(self.settings, self._name)
-            self._stack.push_async_callback(self._amqp.close)
-            await verify_partitions(self._amqp, self.settings)
-            with translate("open channel"):
-                self._channel = await self._amqp.channel()
-            self._rpc = RpcClient(self._channel, self.settings.namespace)
-            await self._rpc.start()
-            rpc = self._rpc
-            self._amqp.reconnect_callbacks.add(lambda *_: rpc.reconnected())
-            self._stack.push_async_callback(self._shutdown)
-        except BaseException:
-            self._state = "closed"
-            await self._stack.aclose()
-            raise
+        # nothing connects yet: a registrant opens its stream connection on its first
+        # register(), a reader its AMQP connection on its first read (_broker)
+        self._stack.push_async_callback(self._shutdown)
         return self
+
+    async def _broker(self) -> tuple[AbstractRobustConnection, RpcClient]:
+        """The AMQP side (connection, channel, snapshot client), opened on first need: a
+        registrant that never reads needs none (one TCP connection less per instance;
+        a broker's file descriptors are what ~1,000 independent clients ran out of)."""
+        async with self._amqp_lock:
+            self._check_open()
+            if self._amqp is None or self._rpc is None:
+                amqp = await connect_amqp(self.settings, self._name)
+                try:
+                    await verify_partitions(amqp, self.settings)
+                    with translate("open channel"):
+                        channel = await amqp.channel()
+                    rpc = RpcClient(channel, self.settings.namespace)
+                    await rpc.start()
+                except BaseException:
+                    await close_quietly(amqp.close, "registry AMQP connection")
+                    raise
+                amqp.reconnect_callbacks.add(lambda *_: rpc.reconnected())
+                self._amqp, self._channel, self._rpc = amqp, channel, rpc
+            return self._amqp, self._rpc
 
     async def __aexit__(self, *exc: object) -> None:
         self._state = "closed"
@@ -125,6 +135,8 @@ class Registry:
         await cancel_until_done(list(self._tasks))
         if self._writer is not None:
             await self._writer.close()
+        if self._amqp is not None:
+            await close_quietly(self._amqp.close, "registry AMQP connection")
 
     @property
     def registrations(self) -> tuple[Registration, ...]:
@@ -176,10 +188,18 @@ class Registry:
         async with self._producer_lock:
             if self._publisher is None:
                 if self.settings.client.ingest_protocol == "amqp":
-                    self._writer = AmqpWriter(self.settings, self._name)
+                    writer: StreamWriter | AmqpWriter = AmqpWriter(self.settings, self._name)
                 else:
-                    self._writer = StreamWriter(self.settings, self._name)
-                self._publisher = IngestPublisher(self._writer, self.settings)
+                    writer = StreamWriter(self.settings, self._name)
+                try:
+                    # P must agree with the namespace's, or events would go to the wrong
+                    # partition (checked over the writer's own protocol: no AMQP needed)
+                    await writer.check_partitions()
+                except BaseException:
+                    await writer.close()
+                    raise
+                self._writer = writer
+                self._publisher = IngestPublisher(writer, self.settings)
             return self._publisher
 
     # --- registrants --------------------------------------------------------------------------
@@ -301,14 +321,14 @@ class Registry:
         """The service's instances and revision, read from the workers over AMQP."""
         self._check_open()
         _check_service(service)
-        assert self._rpc is not None
-        return await self._rpc.snapshot(service, self.settings.client.request_timeout)
+        _, rpc = await self._broker()
+        return await rpc.snapshot(service, self.settings.client.request_timeout)
 
     async def services(self) -> list[dict[str, Any]]:
         """Every known service: ``{"service", "revision", "instances", "epoch"}`` rows."""
         self._check_open()
-        assert self._rpc is not None
-        return await self._rpc.services(self.settings.client.request_timeout)
+        _, rpc = await self._broker()
+        return await rpc.services(self.settings.client.request_timeout)
 
     async def watch(self, service: str, *, resync_interval: float | None = 30.0) -> ServiceView:
         """A live view of ``service`` (shared per registry; loaded before it returns).
@@ -344,12 +364,11 @@ class Registry:
             task.exception()  # retrieved here too: its callers may all have given up
 
     async def _start_view(self, service: str, resync_interval: float | None) -> ServiceView:
-        assert self._amqp is not None
-        assert self._rpc is not None
+        amqp, rpc = await self._broker()
         view = ServiceView(
             service,
-            self._amqp,
-            self._rpc,
+            amqp,
+            rpc,
             self.settings.namespace,
             request_timeout=self.settings.client.request_timeout,
             queue_max=self.settings.client.watch_queue_max,
@@ -390,9 +409,9 @@ class Registry:
     async def _group(
         self, service: str, group: str, prefetch: int
     ) -> AsyncIterator[AsyncIterator[GroupMessage]]:
-        assert self._amqp is not None
+        amqp, _ = await self._broker()
         with translate("open group channel"):
-            channel = await self._amqp.channel()
+            channel = await amqp.channel()
         try:
             async with consume_group(
                 channel, self.settings.namespace, service, group, prefetch=prefetch

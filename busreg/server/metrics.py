@@ -41,7 +41,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from busreg.errors import BusregError, ConfigurationError
-from busreg.server.stats import COUNTERS, PartitionStats, WorkerStatus
+from busreg.server.stats import COUNTERS, HOPS, PartitionStats, WorkerStatus
 from busreg.server.store import PartitionStore
 from busreg.settings import Settings
 from busreg.tasks import close_quietly
@@ -229,6 +229,24 @@ class WorkerCollector(Collector):
             for reason, n in sorted(stats.dead_by_reason.items()):
                 dead.add_metric([str(k), reason], n)
         yield dead
+        hops = CounterMetricFamily(
+            "busreg_partition_delta_hop_seconds",
+            "Seconds the batches with deltas spent in each hop inside the worker "
+            "(deliver, queue, apply, handoff, confirm; see docs/metrics.md). Divide by "
+            "busreg_partition_delta_batches_total for the mean.",
+            labels=["partition", "hop"],
+        )
+        batches = CounterMetricFamily(
+            "busreg_partition_delta_batches",
+            "Applied batches that produced deltas (published and confirmed).",
+            labels=["partition"],
+        )
+        for k, stats in sorted(totals.items()):
+            for hop, _ in HOPS:
+                hops.add_metric([str(k), hop], stats.hop_seconds.get(hop, 0.0))
+            batches.add_metric([str(k)], stats.delta_batches)
+        yield hops
+        yield batches
         yield from self._owned_gauges(owned)
 
     def _owned_gauges(self, owned: dict[int, PartitionStats]) -> Iterable[Metric]:

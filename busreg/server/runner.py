@@ -119,6 +119,9 @@ class PartitionRunner:
         self.due_ms: int | None = None
         self._reschedule = asyncio.Event()
         self._urgent = asyncio.Event()
+        #: the hops of the last applied batch with deltas, and when its apply came back,
+        #: until the drain has published them (stats.HOPS)
+        self._hops_pending: tuple[dict[str, float], float] | None = None
         self._first_arrival = 0.0
         #: (number of the first, entries) of what applies appended, until published
         self._fresh: deque[tuple[int, tuple[bytes, ...]]] = deque()
@@ -243,6 +246,7 @@ class PartitionRunner:
         # CPU, and this overlaps it with the script's round trip. Batches still commit in
         # order: batch n+1 is sent only after batch n's result came back.
         inflight: asyncio.Future[ApplyResult] | None = None
+        timing: tuple[float, float, float] = (0.0, 0.0, 0.0)  # deliver, queue, apply start
 
         async def finish() -> None:
             nonlocal inflight
@@ -251,6 +255,10 @@ class PartitionRunner:
                 result = await pending
                 self._record(result)
                 if result.entries:
+                    deliver, queue, started = timing
+                    now = time.monotonic()
+                    hops = {"deliver": deliver, "queue": queue, "apply": now - started}
+                    self._hops_pending = (hops, now)
                     self._fresh.append((result.first_entry, result.entries))
                     if len(self._fresh) > FRESH_MAX:
                         self._fresh.clear()  # the drain is behind: it reads the outbox
@@ -282,8 +290,11 @@ class PartitionRunner:
                     await self._coalesce()
                 batch = self._buf[: wcfg.batch_max]
                 del self._buf[: wcfg.batch_max]
+                arrived = self._first_arrival
                 if not self._buf:
                     self._has_data.clear()
+                else:
+                    self._first_arrival = time.monotonic()  # of the rest, near enough
                 if len(self._buf) < wcfg.buffer_max // 2:
                     self._space.set()
                 args = self._encoder.encode(batch)
@@ -300,6 +311,10 @@ class PartitionRunner:
                     *limits,
                     rebuild_until=self._rebuild_until,
                 )
+                now = time.monotonic()
+                # the first event's way here: broker time (ms) to its arrival, on our clock
+                arrival_wall = time.time() - (now - arrived)
+                timing = (max(0.0, arrival_wall - batch[0][1] / 1000), now - arrived, now)
                 # owned by this loop: awaited by finish() or cancelled below, never lost
                 inflight = asyncio.ensure_future(self._retrying("apply", apply))
         finally:
@@ -347,6 +362,13 @@ class PartitionRunner:
             stop=lambda: self._failure,
         )
 
+    def _count_hops(self, hops: dict[str, float], handoff: float, confirm: float) -> None:
+        """A batch with deltas made its way: add its hops to the stats (stats.HOPS)."""
+        totals = self.stats.hop_seconds
+        for hop, seconds in (*hops.items(), ("handoff", handoff), ("confirm", confirm)):
+            totals[hop] = totals.get(hop, 0.0) + seconds
+        self.stats.delta_batches += 1
+
     def _record(self, result: ApplyResult) -> None:
         s = self.stats
         s.applied += result.applied
@@ -391,7 +413,11 @@ class PartitionRunner:
             fresh = take_fresh(self._fresh, upto, self.settings.worker.outbox_batch)
             base, entries = fresh if fresh else await self._outbox_step(upto)
             if entries:
+                hops, self._hops_pending = self._hops_pending, None
+                started = time.monotonic()
                 await self._publish_with_retry(entries)
+                if hops is not None:
+                    self._count_hops(hops[0], started - hops[1], time.monotonic() - started)
                 upto = base + len(entries)
                 continue
             if self._applied_all.is_set() or self._failure is not None:

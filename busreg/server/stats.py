@@ -10,7 +10,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["COUNTERS", "PartitionStats", "WorkerStatus"]
+__all__ = ["COUNTERS", "HOPS", "PartitionStats", "WorkerStatus"]
+
+#: The hops of a batch with deltas inside the worker, in order (hop, what it measures):
+HOPS = (
+    ("deliver", "the first event's broker timestamp (ms resolution) to its delivery here"),
+    ("queue", "delivery to the apply call (coalescing, decoding, the previous apply)"),
+    ("apply", "the apply.lua round trip"),
+    ("handoff", "apply done to the delta publish starting"),
+    ("confirm", "the delta publish to the broker's confirm (not on a watcher's way)"),
+)
 
 #: The monotonic counters of PartitionStats (attribute, metric suffix, help text).
 COUNTERS = (
@@ -56,6 +65,10 @@ class PartitionStats:
     published: int = 0
     batches: int = 0
     ticks: int = 0
+    #: seconds spent in each hop by the batches that produced deltas (see HOPS), and how
+    #: many such batches: a register's way to its watchers, inside the worker
+    hop_seconds: dict[str, float] = field(default_factory=dict)
+    delta_batches: int = 0
     offset: int = -1
     outbox: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -65,6 +78,9 @@ class PartitionStats:
         for attr, _, _ in COUNTERS:
             setattr(self, attr, getattr(self, attr) + getattr(other, attr))
         self.dead_lettered += other.dead_lettered
+        self.delta_batches += other.delta_batches
+        for hop, seconds in list(other.hop_seconds.items()):
+            self.hop_seconds[hop] = self.hop_seconds.get(hop, 0.0) + seconds
         for reason, n in list(other.dead_by_reason.items()):
             self.dead_by_reason[reason] = self.dead_by_reason.get(reason, 0) + n
 

@@ -18,6 +18,7 @@ from busreg.errors import BusregError, ClosedError, PublishFailed
 from busreg.settings import Settings
 from busreg.tasks import close_quietly
 from busreg.transport.connections import stream_consumer, stream_producer, translate_stream
+from busreg.transport.topology import partition_error
 
 __all__ = ["StreamWriter", "peek_heads", "stream_heads"]
 
@@ -181,6 +182,24 @@ class StreamWriter:
             if isinstance(exc, PublishFailed | ClosedError):
                 raise
             raise PublishFailed(str(exc)) from exc
+
+    async def check_partitions(self) -> None:
+        """The namespace has exactly ``settings.partitions`` ingest streams, or
+        TopologyMissing / PartitionMismatch: ``verify_partitions`` over the stream
+        protocol, for registrants that open no AMQP connection."""
+        ns, parts = self._settings.namespace, self._settings.partitions
+        producer = await self._get()
+
+        async def exists(k: int) -> bool:
+            with translate_stream("topology check"):
+                return bool(await producer.stream_exists(c.ingest_partition(ns, k)))
+
+        if await exists(parts - 1) and not await exists(parts):
+            return
+        found = 0
+        while await exists(found):
+            found += 1
+        raise partition_error(ns, parts, found)
 
     async def close(self) -> None:
         async with self._lock:

@@ -19,7 +19,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from busreg import constants as c
-from busreg.errors import PartitionMismatch, TopologyMissing
+from busreg.errors import BusregError, PartitionMismatch, TopologyMissing
 from busreg.settings import Settings
 from busreg.transport.connections import translate
 from busreg.transport.migration import MIGRATING_SUFFIX, ensure_quorum_queue
@@ -32,6 +32,7 @@ __all__ = [
     "delete_topology",
     "group_queue_arguments",
     "ingest_stream_arguments",
+    "partition_error",
     "service_user_permissions",
     "verify_partitions",
 ]
@@ -142,10 +143,20 @@ async def verify_partitions(
             found = 0
             while await queue_exists(conn, c.ingest_partition(ns, found)):
                 found += 1
-            raise PartitionMismatch(
-                f"namespace {ns!r} has {found} ingest partitions but settings say {parts} "
-                f"(set BUSREG_PARTITIONS={found}; P is fixed when the topology is created)"
-            )
+            raise partition_error(ns, parts, found)
+
+
+def partition_error(ns: str, parts: int, found: int) -> BusregError:
+    """The error for a namespace with ``found`` ingest partitions where ``parts`` were
+    expected (none: its topology is missing)."""
+    if found == 0:
+        return TopologyMissing(
+            f"namespace {ns!r} has no ingest streams: run `busreg topology apply`"
+        )
+    return PartitionMismatch(
+        f"namespace {ns!r} has {found} ingest partitions but settings say {parts} "
+        f"(set BUSREG_PARTITIONS={found}; P is fixed when the topology is created)"
+    )
 
 
 async def declare_service_exchange(

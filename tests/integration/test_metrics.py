@@ -129,6 +129,18 @@ async def test_live_worker_serves_metrics(
         assert _total(samples, "busreg_partition_events_applied_total") >= 4
         assert _total(samples, "busreg_partition_deltas_published_total") >= 4
         assert _total(samples, "busreg_partition_apply_batches_total") > 0
+        # the registrations' batches made their way to a publish: each hop was timed
+        batches = _total(samples, "busreg_partition_delta_batches_total")
+        assert batches >= 1
+        hops = {
+            dict(labels)["hop"]: v
+            for (n, labels), v in samples.items()
+            if n == "busreg_partition_delta_hop_seconds_total"
+        }
+        assert set(hops) == {"deliver", "queue", "apply", "handoff", "confirm"}
+        assert hops["apply"] > 0
+        assert hops["confirm"] > 0
+        assert hops["apply"] / batches < 1.0  # seconds, not milliseconds
         assert samples[("busreg_worker_snapshot_requests_total", ())] >= 1
         assert samples[("busreg_apply_batch_size_count", ())] > 0
         assert samples[("busreg_apply_batch_size_sum", ())] >= 5
