@@ -194,6 +194,7 @@ class PartitionRunner:
         """Graceful: stop consuming, apply what is buffered, drain the outbox, return."""
         self._stopping.set()
         self._reschedule.set()
+        self._urgent.set()  # a coalescing wait ends
         self._has_data.set()
         self._outbox_wake.set()
         self._space.set()  # a stream callback blocked on backpressure returns (and drops)
@@ -291,7 +292,9 @@ class PartitionRunner:
                 batch = self._buf[: wcfg.batch_max]
                 del self._buf[: wcfg.batch_max]
                 arrived = self._first_arrival
-                if not self._buf:
+                if not self._buf and not self._stopping.is_set():
+                    # (never once stopping: stop() may have come while we coalesced, and
+                    # its wake-up is what ends this loop)
                     self._has_data.clear()
                 else:
                     self._first_arrival = time.monotonic()  # of the rest, near enough
