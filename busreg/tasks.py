@@ -10,7 +10,7 @@ import signal
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
-__all__ = ["cancel_until_done", "close_quietly", "until_signal"]
+__all__ = ["cancel_until_done", "close_quietly", "until_signal", "waiting_in"]
 
 log = logging.getLogger("busreg.tasks")
 
@@ -54,3 +54,16 @@ async def until_signal(main: Callable[[], Awaitable[None]], on_signal: Callable[
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+def waiting_in(suffix: str) -> str:
+    """Where each running task whose name ends with ``suffix`` waits, as ``name func:line``
+    (for a deadline that passed: what held it up)."""
+    where = []
+    for task in asyncio.all_tasks():
+        name = task.get_name()
+        if name.endswith(suffix):
+            frames = task.get_stack(limit=1)
+            line = f"{frames[-1].f_code.co_name}:{frames[-1].f_lineno}" if frames else "?"
+            where.append(f"{name} {line}")
+    return ", ".join(sorted(where)) or "none"

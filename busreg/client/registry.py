@@ -28,10 +28,11 @@ from typing import Any, Self
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from pydantic import TypeAdapter, ValidationError
 
-from busreg.backoff import Backoff
+from busreg.backoff import Backoff, retrying
 from busreg.client.checks import HealthCheck
 from busreg.client.groups import GroupMessage, consume_group
 from busreg.client.registration import (
+    PUBLISH_BACKOFF,
     AmqpWriter,
     IngestPublisher,
     Registration,
@@ -39,7 +40,7 @@ from busreg.client.registration import (
 )
 from busreg.client.rpc import RpcClient
 from busreg.client.view import ServiceView
-from busreg.errors import ClosedError, ConfigurationError
+from busreg.errors import ClosedError, ConfigurationError, ConnectionFailed
 from busreg.settings import Settings
 from busreg.tasks import cancel_until_done, close_quietly
 from busreg.transport.connections import connect_amqp, translate
@@ -193,8 +194,17 @@ class Registry:
                     writer = StreamWriter(self.settings, self._name)
                 try:
                     # P must agree with the namespace's, or events would go to the wrong
-                    # partition (checked over the writer's own protocol: no AMQP needed)
-                    await writer.check_partitions()
+                    # partition (checked over the writer's own protocol: no AMQP needed);
+                    # a broker restarting now is waited for as a registration would be
+                    await retrying(
+                        writer.check_partitions,
+                        what="topology check",
+                        log=log,
+                        backoff=PUBLISH_BACKOFF,
+                        retry_on=(ConnectionFailed,),
+                        deadline=self.settings.client.confirm_timeout,
+                        level=logging.DEBUG,
+                    )
                 except BaseException:
                     await writer.close()
                     raise

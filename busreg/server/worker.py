@@ -42,7 +42,7 @@ from busreg.server.stats import PartitionStats, WorkerStatus
 from busreg.server.store import PartitionStore
 from busreg.server.ticker import OutageMarks, StandbyTicker
 from busreg.settings import Settings
-from busreg.tasks import cancel_until_done, close_quietly
+from busreg.tasks import cancel_until_done, close_quietly, waiting_in
 from busreg.transport.connections import (
     RedisClient,
     connect_amqp,
@@ -323,11 +323,9 @@ class Worker:
             if tasks:
                 _, pending = await asyncio.wait(tasks, timeout=self.settings.worker.drain_timeout)
                 for task in pending:
-                    log.warning(
-                        "drain deadline passed; cancelling %s (waiting in: %s)",
-                        task.get_name(),
-                        _waiting_in(task.get_name().rpartition("-")[2]),
-                    )
+                    name = task.get_name()
+                    held = waiting_in("-" + name.rpartition("-")[2])
+                    log.warning("drain deadline passed; cancelling %s (in: %s)", name, held)
                 await cancel_until_done(pending)
             # our partitions are free: the others take them now, not at their next round
             await self._notices.tell(self._membership.live)
@@ -499,14 +497,3 @@ class Worker:
             if runner.consumer is not None:
                 await close_quietly(runner.consumer.close, "partition consumer")
 
-
-def _waiting_in(partition: str) -> str:
-    """Where a partition's loops wait (for a drain that overran: what held it)."""
-    where = []
-    for task in asyncio.all_tasks():
-        name = task.get_name()
-        if name.rpartition("-")[2] == partition and not name.startswith("partition-"):
-            frames = task.get_stack(limit=1)
-            line = f"{frames[-1].f_code.co_name}:{frames[-1].f_lineno}" if frames else "?"
-            where.append(f"{name} {line}")
-    return ", ".join(sorted(where)) or "none"

@@ -53,7 +53,6 @@ def test_a_wrong_stream_port_is_named_as_refused(busreg_namespace: Settings) -> 
     }
     args = ["register", "inv", "--address", "127.0.0.1:80"]
     line = _one_line(_busreg(busreg_namespace, *args, **wrong))
-    assert "not confirmed within 1s" in line
     assert "stream connect to 127.0.0.1:1: RabbitMQ unreachable (Connection refused)" in line
 
 

@@ -198,19 +198,18 @@ async def test_a_failing_heartbeat_loop_stays_in_the_background(
             view = await registry.watch("gamma")
             reg = await registry.register("gamma", address="127.0.0.1:7003", instance_id="g1")
             publisher = reg._publisher
-            publish = publisher.publish
+            heartbeat = publisher.heartbeat
             failed = asyncio.Event()
             beat_again = asyncio.Event()
 
-            async def flaky(event: Any, timeout: float) -> None:
-                if isinstance(event, Heartbeat) and not failed.is_set():
+            async def flaky(event: Heartbeat, timeout: float) -> None:
+                if not failed.is_set():
                     failed.set()
                     raise RuntimeError("injected heartbeat failure")
-                await publish(event, timeout)
-                if isinstance(event, Heartbeat) and failed.is_set():
-                    beat_again.set()
+                await heartbeat(event, timeout)
+                beat_again.set()
 
-            monkeypatch.setattr(publisher, "publish", flaky)
+            monkeypatch.setattr(publisher, "heartbeat", flaky)
             async with asyncio.timeout(10):
                 await beat_again.wait()
             assert reg.active
