@@ -42,6 +42,7 @@ SCENARIOS = (
     "crash",
     "takeover",
     "idle",
+    "peer",
 )
 #: run only when asked for (they need a second broker): ``--scenarios replication``
 EXTRA_SCENARIOS = ("replication",)
@@ -198,6 +199,11 @@ async def run_bench(
 
             progress("idle namespace")
             results["idle"] = await run_idle(settings, procs, cfg)
+        if "peer" in selected:
+            from busreg.bench.peer import run_peer
+
+            progress("peer workload (the etcd/ZooKeeper comparison's)")
+            results["peer"] = await run_peer(settings, procs, cfg)
         if "takeover" in selected:
             progress("worker takeover")
             results["takeover"] = await run_takeover(settings, procs, cfg)

@@ -83,4 +83,42 @@ def cost_tables(res: dict[str, Any]) -> list[str]:
             f"{fmt_num(ag.get('redis_us_per_heartbeat'), 1)}); the agents' own "
             f"{fmt_num(ag.get('agents_us_per_heartbeat'), 1)} us\n"
         )
+    pe = res.get("peer")
+    if pe:
+        c = pe.get("confirmed_to_notified_ms", {})
+        k = pe.get("call_to_notified_ms", {})
+        parts.append(
+            table(
+                f"8. Peer workload ({pe['instances']:,} instances over {pe['services']} services, "
+                f"1 s heartbeat, 3 s TTL, {pe['fleet']} fleet processes, registrations at "
+                "100/s, one subscriber on every service)",
+                ["figure", "busreg", "etcd 3.4 (issue 17)", "ZooKeeper 3.8 (issue 17)"],
+                [
+                    [
+                        "write confirmed -> subscriber notified, p50 / p99 ms",
+                        f"{fmt_num(c.get('p50'), 2)} / {fmt_num(c.get('p99'), 2)}",
+                        "1.09 / 3.88",
+                        "1.96 / 8.12",
+                    ],
+                    [
+                        "call -> subscriber notified, p50 / p99 ms",
+                        f"{fmt_num(k.get('p50'), 2)} / {fmt_num(k.get('p99'), 2)}",
+                        "-",
+                        "-",
+                    ],
+                    [
+                        f"server CPU at {fmt_num(pe.get('heartbeats_per_s'))} heartbeats/s",
+                        f"{fmt_num(pe.get('server_cpu_percent'), 1)} % of a core, "
+                        f"{fmt_num(pe.get('server_us_per_heartbeat'), 1)} us/hb (worker "
+                        f"{fmt_num(pe.get('worker_us_per_heartbeat'), 1)}, broker "
+                        f"{fmt_num(pe.get('broker_us_per_heartbeat'), 1)}, Redis "
+                        f"{fmt_num(pe.get('redis_us_per_heartbeat'), 1)})",
+                        "18.1 %, 181 us/hb",
+                        "18.3 %, 145 us per ping",
+                    ],
+                ],
+            )
+            + "   (etcd and ZooKeeper: their figures from the issue's run of 2026-12-01, same "
+            "machine; not re-run here)\n"
+        )
     return parts

@@ -275,6 +275,22 @@ def _targets(res: dict[str, Any]) -> list[dict[str, Any]]:
             f"{fmt_num(us, 1)} us",
             us is not None and us <= 20,
         )
+    pe = res.get("peer")
+    if pe:
+        c = pe.get("confirmed_to_notified_ms", {})
+        add(
+            "peer workload: write confirmed -> subscriber notified, p50 / p99",
+            "<= 1.5 / 4 ms",
+            f"{fmt_num(c.get('p50'), 2)} / {fmt_num(c.get('p99'), 2)} ms",
+            c.get("p50") is not None and c["p50"] <= 1.5 and c["p99"] <= 4.0,
+        )
+        us = pe.get("server_us_per_heartbeat")
+        add(
+            "peer workload: server CPU per heartbeat at 1,000/s (fleet in 10 processes)",
+            "<= 150 us",
+            f"{fmt_num(us, 1)} us",
+            us is not None and us <= 150,
+        )
     idle = res.get("idle")
     if idle and idle.get("steps"):
         one = idle["steps"][0]["net"]["total"] * 100
