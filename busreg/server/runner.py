@@ -291,7 +291,9 @@ class PartitionRunner:
                     await self._coalesce()
                 batch = self._buf[: wcfg.batch_max]
                 del self._buf[: wcfg.batch_max]
-                arrived = self._first_arrival
+                # the batch's newest event is the one a watcher waits for (a registration
+                # cuts a coalescing wait short): its arrival, or near it if the batch was cut
+                arrived = self._first_arrival if self._buf else self._last_delivery
                 if not self._buf and not self._stopping.is_set():
                     # (never once stopping: stop() may have come while we coalesced, and
                     # its wake-up is what ends this loop)
@@ -315,9 +317,9 @@ class PartitionRunner:
                     rebuild_until=self._rebuild_until,
                 )
                 now = time.monotonic()
-                # the first event's way here: broker time (ms) to its arrival, on our clock
+                # that event's way here: broker time (ms) to its arrival, on our clock
                 arrival_wall = time.time() - (now - arrived)
-                timing = (max(0.0, arrival_wall - batch[0][1] / 1000), now - arrived, now)
+                timing = (max(0.0, arrival_wall - batch[-1][1] / 1000), now - arrived, now)
                 # owned by this loop: awaited by finish() or cancelled below, never lost
                 inflight = asyncio.ensure_future(self._retrying("apply", apply))
         finally:

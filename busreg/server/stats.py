@@ -14,8 +14,8 @@ __all__ = ["COUNTERS", "HOPS", "PartitionStats", "WorkerStatus"]
 
 #: The hops of a batch with deltas inside the worker, in order (hop, what it measures):
 HOPS = (
-    ("deliver", "the first event's broker timestamp (ms resolution) to its delivery here"),
-    ("queue", "delivery to the apply call (coalescing, decoding, the previous apply)"),
+    ("deliver", "the batch's newest event: its broker timestamp (ms resolution) to here"),
+    ("queue", "its delivery to the apply call (decoding, the previous apply)"),
     ("apply", "the apply.lua round trip"),
     ("handoff", "apply done to the delta publish starting"),
     ("confirm", "the delta publish to the broker's confirm (not on a watcher's way)"),
