@@ -363,6 +363,27 @@ def sanity_problems(res: dict[str, Any]) -> list[str]:
             need(lat[name]["view"].get("count", 0) > 0, f"no {name} -> view samples")
     if "crash" in lat:
         need(lat["crash"]["view"]["after_ttl_ms"].get("count", 0) > 0, "no crash detections")
+    fresh = lat.get("first_register")
+    if fresh is not None:
+        need(fresh["visible_ms"].get("count", 0) > 0, "no fresh registration seen")
+    hops = lat.get("hops_ms")
+    if hops is not None:
+        need((hops.get("batches") or 0) > 0, "no per-hop figures from the worker")
+    bt = res.get("batched")
+    if bt is not None:
+        need(bool(bt["steps"]), "no batched steps")
+        for s in bt["steps"]:
+            need(s["window"]["applied_per_s"] > 0, f"nothing applied, batched {s['instances']}")
+    ag = res.get("agents")
+    if ag is not None:
+        need(ag.get("applied_per_s", 0) > 0, "nothing applied behind agents")
+    pe = res.get("peer")
+    if pe is not None:
+        need(pe.get("missing", 1) == 0, "peer probes not all seen by the subscriber")
+        need((pe.get("heartbeats_per_s") or 0) > 0, "no peer heartbeats applied")
+    idle = res.get("idle")
+    if idle is not None:
+        need(len(idle.get("steps", [])) == 2, "idle steps missing")
     tk = res.get("takeover")
     if tk is not None:
         for sig in ("SIGKILL", "SIGTERM"):
