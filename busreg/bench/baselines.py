@@ -179,11 +179,11 @@ async def apply_lua_rate(settings: Settings, redis: Any, updates: int) -> dict[s
 
     # register everything once (adds, with deltas in the outbox), then time heartbeats
     for start in range(0, instances, 1000):
-        await store.apply(lease, batch_args(start), 1000, 1000, 300_000, **extra)
+        await store.apply(lease, batch_args(start), 1000, 300_000, **extra)
     batches = [batch_args(s) for s in range(0, updates, 1000)]
     t0 = time.perf_counter()
     for args in batches:
-        await store.apply(lease, args, 1000, 1000, 300_000, **extra)
+        await store.apply(lease, args, 1000, 300_000, **extra)
     rate = updates / (time.perf_counter() - t0)
     out: dict[str, Any] = {
         "apply_lua_heartbeats_per_s": rate,
@@ -199,7 +199,7 @@ async def apply_lua_rate(settings: Settings, redis: Any, updates: int) -> dict[s
         for n in range(600):
             args = batch_args(0)[: 8 * 10]
             t = time.perf_counter()
-            await store.apply(lease, args, 10, 1000, 300_000, **extra)
+            await store.apply(lease, args, 1000, 300_000, **extra)
             if n % 2:
                 acked = await redis.execute_command("WAIT", 1, 1000)
                 if int(acked) < 1:

@@ -33,7 +33,14 @@ from busreg.server.store import PartitionStore
 from busreg.settings import Settings
 from busreg.transport.connections import stream_producer
 
-__all__ = ["PER_MESSAGE", "run_agents", "run_batched"]
+__all__ = [
+    "PER_MESSAGE",
+    "open_fleet",
+    "register_fleet",
+    "run_agents",
+    "run_batched",
+    "server_cost",
+]
 
 #: Heartbeats per message: a process with a hundred registrations per partition (an agent
 #: on a big host, the Eureka gateway) sends batches of about this size.
@@ -120,18 +127,9 @@ async def run_agents(base: Settings, procs: Processes, cfg: BenchConfig) -> dict
         try:
             await wait_owned(redis, settings, {wid}, 20)
             async with contextlib.AsyncExitStack() as stack:
-                registries = [
-                    await stack.enter_async_context(Registry(settings, name=f"bench-agent-{a}"))
-                    for a in range(agents)
-                ]
-                for a, registry in enumerate(registries):
-                    for j in range(PER_AGENT):
-                        i = a * PER_AGENT + j
-                        await registry.register(
-                            service_name(i % cfg.services),
-                            address=f"10.9.{i >> 8}.{i & 255}:8080",
-                            instance_id=f"agent{a}-{j:03d}",
-                        )
+                registries = await open_fleet(stack, settings, agents, "bench-agent")
+                services = [service_name(j) for j in range(cfg.services)]
+                await register_fleet(registries, n, services, "agent")
                 await wait_until(
                     functools.partial(_registered, store, redis, settings, n),
                     cfg.register_timeout,
@@ -139,25 +137,67 @@ async def run_agents(base: Settings, procs: Processes, cfg: BenchConfig) -> dict
                     "agent instances registered",
                 )
                 await asyncio.sleep(2.0)  # every registration past its first heartbeat
-                meter = CpuMeter([worker.pid], server_pids(settings))
-                s0 = await partition_states(redis, settings)
-                meter.start()
-                await asyncio.sleep(cfg.window)  # a measurement window
-                used = meter.stop()
-                s1 = await partition_states(redis, settings)
-                batches = sum(_batches(r) for r in registries)
+                cost = await server_cost(redis, settings, worker.pid, cfg.window)
+                out["batches_total"] = sum(_batches(r) for r in registries)
         finally:
             await procs.stop(worker, signal.SIGKILL)
             await redis.aclose()
+    out["agents_us_per_heartbeat"] = cost.pop("client_us_per_heartbeat")
+    out.update(cost)
+    return out
+
+
+async def open_fleet(
+    stack: contextlib.AsyncExitStack, settings: Settings, count: int, name: str
+) -> list[Registry]:
+    """``count`` registries, each a fleet process of its own (connections, beat phase)."""
+    return [
+        await stack.enter_async_context(Registry(settings, name=f"{name}-{k}"))
+        for k in range(count)
+    ]
+
+
+async def register_fleet(
+    fleet: list[Registry],
+    n: int,
+    services: list[str],
+    prefix: str,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Instances ``0..n-1`` over ``services``, dealt round-robin to the fleet."""
+    for i in range(n):
+        await fleet[i % len(fleet)].register(
+            services[i % len(services)],
+            address=f"10.{8 + i // 65536}.{(i >> 8) & 255}.{i & 255}:8080",
+            instance_id=f"{prefix}-{i:04d}",
+            metadata=metadata,
+        )
+
+
+async def server_cost(
+    redis: Any, settings: Settings, worker_pid: int, seconds: float
+) -> dict[str, Any]:
+    """Heartbeats applied over a quiet window of ``seconds`` and what they cost: server CPU
+    (worker + broker + Redis) per heartbeat and in % of a core, and this process's (the
+    clients') CPU per heartbeat."""
+    meter = CpuMeter([worker_pid], server_pids(settings))
+    s0 = await partition_states(redis, settings)
+    meter.start()
+    await asyncio.sleep(seconds)  # a measurement window
+    used = meter.stop()
+    s1 = await partition_states(redis, settings)
     applied = sum(b["applied"] - a["applied"] for a, b in zip(s0, s1, strict=True))
-    wall = used["wall"]
-    out["applied_per_s"] = applied / wall
-    out["batches_total"] = batches
-    for k in ("worker", "broker", "redis"):
-        out[f"{k}_us_per_heartbeat"] = used[k] / applied * 1e6 if applied else None
+
+    def per(cpu: float) -> float | None:
+        return cpu / applied * 1e6 if applied else None
+
     server = used["worker"] + used["broker"] + used["redis"]
-    out["server_us_per_heartbeat"] = server / applied * 1e6 if applied else None
-    out["agents_us_per_heartbeat"] = used["loadgen"] / applied * 1e6 if applied else None
+    out: dict[str, Any] = {"applied_per_s": applied / used["wall"]}
+    for k in ("worker", "broker", "redis"):
+        out[f"{k}_us_per_heartbeat"] = per(used[k])
+    out["server_us_per_heartbeat"] = per(server)
+    out["server_cpu_percent"] = server / used["wall"] * 100
+    out["client_us_per_heartbeat"] = per(used["loadgen"])
     return out
 
 

@@ -19,17 +19,16 @@ import signal
 import time
 from typing import Any
 
-from busreg.bench.batched import _batches
+from busreg.bench.batched import _batches, open_fleet, register_fleet, server_cost
 from busreg.bench.common import (
     BenchConfig,
     bench_namespace,
-    partition_states,
     percentiles,
     redis_client,
     wait_until,
 )
 from busreg.bench.ingestion import _registered, _wid, wait_owned
-from busreg.bench.procs import CpuMeter, Processes, server_pids
+from busreg.bench.procs import Processes
 from busreg.client.registry import Registry
 from busreg.server.store import PartitionStore
 from busreg.settings import Settings
@@ -56,22 +55,13 @@ async def run_peer(base: Settings, procs: Processes, cfg: BenchConfig) -> dict[s
         try:
             await wait_owned(redis, settings, {wid}, 20)
             async with contextlib.AsyncExitStack() as stack:
-                fleet = [
-                    await stack.enter_async_context(Registry(settings, name=f"bench-fleet-{f}"))
-                    for f in range(FLEET)
-                ]
+                fleet = await open_fleet(stack, settings, FLEET, "bench-fleet")
                 subscriber = await stack.enter_async_context(
                     Registry(settings, name="bench-subscriber")
                 )
                 prober = await stack.enter_async_context(Registry(settings, name="bench-prober"))
                 services = [f"peer-{j:02d}" for j in range(SERVICES)]
-                for i in range(n):
-                    await fleet[i % FLEET].register(
-                        services[i % SERVICES],
-                        address=f"10.8.{i >> 8}.{i & 255}:8080",
-                        instance_id=f"fleet-{i:04d}",
-                        metadata={"payload": PAYLOAD},
-                    )
+                await register_fleet(fleet, n, services, "fleet", {"payload": PAYLOAD})
                 await wait_until(
                     functools.partial(_registered, store, redis, settings, n),
                     cfg.register_timeout,
@@ -83,7 +73,10 @@ async def run_peer(base: Settings, procs: Processes, cfg: BenchConfig) -> dict[s
                 followers = [asyncio.create_task(_follow(v, seen)) for v in views]
                 try:
                     await asyncio.sleep(2.0)  # past every registration's first heartbeat
-                    out.update(await _quiet_window(store, redis, settings, worker.pid, cfg))
+                    cost = await server_cost(redis, settings, worker.pid, cfg.window)
+                    cost.pop("client_us_per_heartbeat")
+                    out["heartbeats_per_s"] = cost.pop("applied_per_s")
+                    out.update(cost)
                     out["batches_total"] = sum(_batches(r) for r in fleet)
                     out.update(await _probes(prober, services, seen, probes))
                 finally:
@@ -99,25 +92,6 @@ async def run_peer(base: Settings, procs: Processes, cfg: BenchConfig) -> dict[s
 async def _follow(view: Any, seen: dict[str, float]) -> None:
     async for change in view.changes():
         seen.setdefault(change.instance_id, time.perf_counter())
-
-
-async def _quiet_window(
-    store: PartitionStore, redis: Any, settings: Settings, pid: int, cfg: BenchConfig
-) -> dict[str, Any]:
-    meter = CpuMeter([pid], server_pids(settings))
-    s0 = await partition_states(redis, settings)
-    meter.start()
-    await asyncio.sleep(cfg.window)  # a measurement window
-    used = meter.stop()
-    s1 = await partition_states(redis, settings)
-    applied = sum(b["applied"] - a["applied"] for a, b in zip(s0, s1, strict=True))
-    out: dict[str, Any] = {"heartbeats_per_s": applied / used["wall"]}
-    for k in ("worker", "broker", "redis"):
-        out[f"{k}_us_per_heartbeat"] = used[k] / applied * 1e6 if applied else None
-    server = used["worker"] + used["broker"] + used["redis"]
-    out["server_us_per_heartbeat"] = server / applied * 1e6 if applied else None
-    out["server_cpu_percent"] = server / used["wall"] * 100
-    return out
 
 
 async def _probes(

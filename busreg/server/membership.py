@@ -70,9 +70,6 @@ class Membership:
         self._left = False
         self._next_expiry: float | None = None  # loop time a peer's membership lapses
 
-    def live_now(self) -> list[str]:
-        return self.live
-
     def poke(self) -> None:
         """Make a round now (a peer left: its partitions are free)."""
         self._poke.set()

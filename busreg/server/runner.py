@@ -118,6 +118,7 @@ class PartitionRunner:
         #: partition-clock ms until a tick is needed, from the last apply (None: unknown)
         self.due_ms: int | None = None
         self._reschedule = asyncio.Event()
+        #: set while the buffer holds something that must not wait (see _coalesce)
         self._urgent = asyncio.Event()
         #: the hops of the last applied batch with deltas, and when its apply came back,
         #: until the drain has published them (stats.HOPS)
@@ -237,7 +238,7 @@ class PartitionRunner:
 
     async def _mark_rebuild(self) -> ApplyResult:
         return await self.store.apply(
-            self.lease, [], 0, *self._limits(), rebuild_until=self._rebuild_until
+            self.lease, [], *self._limits(), rebuild_until=self._rebuild_until
         )
 
     async def _apply_loop(self) -> None:
@@ -294,6 +295,8 @@ class PartitionRunner:
                 # the batch's newest event is the one a watcher waits for (a registration
                 # cuts a coalescing wait short): its arrival, or near it if the batch was cut
                 arrived = self._first_arrival if self._buf else self._last_delivery
+                if not self._buf:
+                    self._urgent.clear()  # nothing urgent is left waiting
                 if not self._buf and not self._stopping.is_set():
                     # (never once stopping: stop() may have come while we coalesced, and
                     # its wake-up is what ends this loop)
@@ -312,7 +315,6 @@ class PartitionRunner:
                     self.store.apply,
                     self.lease,
                     args,
-                    len(args) // 8,  # groups: a batched heartbeat expands to several
                     *limits,
                     rebuild_until=self._rebuild_until,
                 )
@@ -332,11 +334,8 @@ class PartitionRunner:
         message used to cost most of the worker's CPU at low rates. Anything else in the
         buffer (a registration, a deregistration, a tick), a full batch, or a stop applies
         at once. (While an apply is in flight, batches form by themselves.)"""
-        self._urgent.clear()
-        if self._stopping.is_set() or len(self._buf) >= self.settings.worker.batch_max:
-            return
-        if any(HEARTBEAT not in body for _, _, body in self._buf):
-            return
+        if self._urgent.is_set() or len(self._buf) >= self.settings.worker.batch_max:
+            return  # (a stop sets it too)
         delay = self._first_arrival + COALESCE_WINDOW - time.monotonic()
         if delay > 0:
             # a bounded wait for more heartbeats, cut short by anything urgent
@@ -461,7 +460,9 @@ class PartitionRunner:
                 await self._flag_busy(False)  # no lease left: standbys need not tick it
             last_tick = time.monotonic()
             try:
-                await self._ticks.send(self._stream, self._tick, timeout=max(1.0, delay * 10))
+                await self._ticks.send(
+                    self._stream, self._tick, timeout=max(1.0, wcfg.tick_interval * 10)
+                )
             except BusregError as exc:
                 log.warning("partition=%d tick failed: %s", self.partition, exc)
                 continue

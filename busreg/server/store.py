@@ -260,18 +260,19 @@ class PartitionStore:
         self,
         lease: Lease,
         args: list[Any],
-        count: int,
         max_step_ms: int,
         tombstone_ms: int,
         grace_ms: int,
         rebuild_until: int = -1,
     ) -> ApplyResult:
-        """Apply ``count`` encoded events (8 args each, see apply.lua); raises Fenced.
+        """Apply encoded events, 8 args each (see apply.lua; a batched heartbeat's items are
+        groups of their own); raises Fenced.
 
         ``rebuild_until``: the stream's head offset when this owner started a partition
         that had no committed offset (it replays history quietly up to there)."""
-        if len(args) != 8 * count:  # a batched heartbeat's items are groups of their own
-            raise ValueError(f"apply: {len(args)} arguments are not {count} groups of 8")
+        count, odd = divmod(len(args), 8)
+        if odd:
+            raise ValueError(f"apply: {len(args)} arguments are not groups of 8")
         exchange_prefix = c.service_exchange(self.namespace, "")
         known = self._services_of.setdefault(lease.partition, set())
         # every event's service (8 fields per event: op third, service fourth)

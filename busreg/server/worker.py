@@ -291,8 +291,10 @@ class Worker:
             rpc = tg.create_task(self._rpc.serve(), name="rpc")
             assert self._notices is not None
             notices = tg.create_task(self._notices.serve(asyncio.Event()), name="notices")
-            live = self._membership.live_now
-            tells = tg.create_task(self._notices.tell_when_asked(live), name="notices-out")
+            members = self._membership
+            tells = tg.create_task(
+                self._notices.tell_when_asked(lambda: members.live), name="notices-out"
+            )
             # Able to stand by before joining: a worker that has just joined may be the
             # only other one left when an owner dies, and its first ticks used to take over
             # a second (publishers are declared on first use), long enough to open the
@@ -496,4 +498,3 @@ class Worker:
                     log.warning("release failed partition=%d: %s", k, exc)
             if runner.consumer is not None:
                 await close_quietly(runner.consumer.close, "partition consumer")
-

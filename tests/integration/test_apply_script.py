@@ -122,7 +122,7 @@ async def _lease(store: PartitionStore, worker: str = "w-test") -> Lease:
 
 async def _apply(store: PartitionStore, lease: Lease, events: list[Event]) -> ApplyResult:
     args = [a for ev in events for a in ev]
-    return await store.apply(lease, args, len(events), MAX_STEP, TOMB_MS, GRACE_MS)
+    return await store.apply(lease, args, MAX_STEP, TOMB_MS, GRACE_MS)
 
 
 async def _outbox(store: PartitionStore) -> list[tuple[str, int, str | None, str]]:
@@ -723,13 +723,13 @@ async def test_rebuild_replays_history_quietly_then_announces_the_caught_up_stat
     history += [tick(4 + i, T + 400 + i * 500) for i in range(4)]  # 1.9 s of clock
     head = 7  # the stream's head when the rebuild began
     args = [a for ev in history[:5] for a in ev]
-    await store.apply(lease, args, 5, MAX_STEP, TOMB_MS, GRACE_MS, rebuild_until=head)
+    await store.apply(lease, args, MAX_STEP, TOMB_MS, GRACE_MS, rebuild_until=head)
     assert await _outbox(store) == []  # history announces nothing
     snap = await store.snapshot(P, SVC)
     assert snap.rebuilding
     assert snap.revision == 0
     args = [a for ev in history[5:] for a in ev]
-    await store.apply(lease, args, 3, MAX_STEP, TOMB_MS, GRACE_MS, rebuild_until=head)
+    await store.apply(lease, args, MAX_STEP, TOMB_MS, GRACE_MS, rebuild_until=head)
     # caught up: the state it arrived at, once, as the new epoch's first revisions
     assert await _outbox(store) == [("added", 1, None, "live")]
     snap = await store.snapshot(P, SVC)
@@ -745,7 +745,7 @@ async def test_a_fresh_partition_with_an_empty_stream_rebuilds_nothing(
 ) -> None:
     """A first start (nothing in the stream: head -1) announces from the first event."""
     lease = await _lease(store)
-    await store.apply(lease, list(up(0, T, "a")), 1, MAX_STEP, TOMB_MS, GRACE_MS)
+    await store.apply(lease, list(up(0, T, "a")), MAX_STEP, TOMB_MS, GRACE_MS)
     assert await _outbox(store) == [("added", 1, None, "a")]
     assert not (await store.snapshot(P, SVC)).rebuilding
 
@@ -792,7 +792,7 @@ async def test_a_new_owner_expires_and_announces_services_it_never_named(
     lease = await takeover.acquire(P, "w2", 60_000)
     assert lease is not None
     ticks = [*tick(3, T + 800), *tick(4, T + 1_600)]  # steps within max_step: no grace
-    res = await takeover.apply(lease, ticks, 2, MAX_STEP, TOMB_MS, GRACE_MS)
+    res = await takeover.apply(lease, ticks, MAX_STEP, TOMB_MS, GRACE_MS)
     assert (res.offset, res.expired, res.changes) == (4, 1, 1)
     assert await _last_deltas(store, 1) == [("removed", "x", "expired")]
     await takeover.release(lease)
@@ -802,7 +802,7 @@ async def test_a_new_owner_expires_and_announces_services_it_never_named(
     after = PartitionStore(store.redis, store.namespace)
     lease = await after.acquire(P, "w3", 60_000)
     assert lease is not None
-    res = await after.apply(lease, list(tick(5, T + 1_700)), 1, MAX_STEP, TOMB_MS, GRACE_MS)
+    res = await after.apply(lease, list(tick(5, T + 1_700)), MAX_STEP, TOMB_MS, GRACE_MS)
     assert (res.offset, res.changes) == (5, 2)
     assert await _last_deltas(store, 2) == [("added", "y", None), ("added", "z", None)]
     state = await store.partition_state(P)

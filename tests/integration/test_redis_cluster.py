@@ -80,7 +80,7 @@ def _event(off: int, ts: int, iid: str, seq: int) -> tuple[object, ...]:
 
 async def _apply(store: PartitionStore, lease: Lease, *events: tuple[object, ...]) -> int:
     args = [a for ev in events for a in ev]
-    res = await store.apply(lease, args, len(events), 1_000, 60_000, 5_000)
+    res = await store.apply(lease, args, 1_000, 60_000, 5_000)
     return res.changes
 
 

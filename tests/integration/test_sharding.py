@@ -138,7 +138,7 @@ async def test_paused_owner_is_fenced_and_gives_the_partition_up(
                     )
                     with pytest.raises(Fenced):
                         await store.apply(
-                            stale, [10**12, 0, "N", "", "", "", 0, ""], 1, 1000, 1000, 0
+                            stale, [10**12, 0, "N", "", "", "", 0, ""], 1000, 1000, 0
                         )
                     with pytest.raises(Fenced):
                         await store.outbox_step(stale, 1, 10)

@@ -23,9 +23,8 @@ class _Store:
     def __init__(self) -> None:
         self.applied = 0
 
-    async def apply(
-        self, lease: Lease, args: list[Any], count: int, *rest: Any, **kw: Any
-    ) -> ApplyResult:
+    async def apply(self, lease: Lease, args: list[Any], *rest: Any, **kw: Any) -> ApplyResult:
+        count = len(args) // 8
         self.applied += count
         return ApplyResult(lease.offset + count, 0, count, 0, 0, 0, 0, 3000)
 
